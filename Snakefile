@@ -1,0 +1,22 @@
+# msifusion: fuse mass spectrometry imaging modalities, coarse (spectral reference) to fine.
+# Run:  snakemake --profile profiles/local        (see README.md; config in config/config.yaml)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/convert.smk"
+include: "rules/nmf.smk"
+include: "rules/section.smk"
+include: "rules/fuse.smk"
+include: "rules/evaluate.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,4 @@
+"""``python -m msifusion``: see :mod:`msifusion.cli`."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,285 @@
+"""Study configuration: ``config.yaml`` validation and the sections sheet.
+
+The configuration is checked against ``msifusion/schemas/config.schema.yaml`` (defaults filled in), then
+cross-checked (every chain modality has settings), and the sections sheet is read and checked (columns,
+modalities, imzML files present, ROIs well formed and inside the image when the imzML header states its
+size). Every problem raises :class:`~msifusion.errors.InputError` naming the key or the file and row.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .errors import InputError
+
+SCHEMA_PATH = Path(__file__).with_name("schemas") / "config.schema.yaml"
+SHEET_COLUMNS = ("section", "modality", "imzml", "roi")
+_SECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ROI_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def file_id(path) -> str:
+    """Identifier of an imzML file used in result paths: its stem with unsafe characters replaced.
+
+    >>> file_id("data/run 1/FT-ICR_brain.imzML")
+    'FT-ICR_brain'
+    """
+    stem = Path(str(path)).name
+    stem = re.sub(r"\.imzml$", "", stem, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)
+
+
+def load_schema() -> dict:
+    """The JSON schema of ``config.yaml`` as a dict."""
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = []
+    for p in error.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (("." if parts else "") + str(p)))
+    return "".join(parts) or "(top level)"
+
+
+def _with_defaults(validator_class):
+    """A validator class that fills ``default`` values of missing properties (as snakemake does)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Validate a configuration against the schema and return a copy with defaults filled in.
+
+    Parameters
+    ----------
+    config : dict
+        Parsed ``config.yaml`` (plus ``--config`` overrides).
+    source : str
+        Name used in error messages (e.g. the config file path).
+
+    Returns
+    -------
+    dict
+        Validated configuration with every default present.
+
+    Raises
+    ------
+    InputError
+        Naming the first offending key and what is wrong with it.
+    """
+    config = copy.deepcopy(dict(config))
+    schema = load_schema()
+    cls = _with_defaults(jsonschema.Draft202012Validator)
+    validator = cls(schema)
+    # Fill defaults of modality entries too (additionalProperties sub-schemas).
+    for name, mod in (config.get("modalities") or {}).items():
+        if mod is None:
+            config["modalities"][name] = {}
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        raise InputError(f"{source}: key '{_key_path(err)}': {err.message}")
+    chain = config["chain"]
+    missing = [m for m in chain if m not in config["modalities"]]
+    if missing:
+        raise InputError(f"{source}: key 'modalities': no settings for chain modality "
+                         f"{', '.join(map(repr, missing))} (add 'modalities.{missing[0]}: {{}}' "
+                         "to use the defaults)")
+    if config["modalities"][chain[0]]["binning"]["mode"] == "reference":
+        raise InputError(f"{source}: key 'modalities.{chain[0]}.binning.mode': the reference "
+                         f"modality '{chain[0]}' cannot be binned onto itself; use 'ppm'")
+    return config
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> dict:
+    """Read ``config.yaml``, apply ``overrides`` (top-level keys) and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: config file not found")
+    try:
+        with open(path) as fh:
+            config = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: the top level must be a mapping of keys")
+    config.update(overrides or {})
+    return validate_config(config, source=str(path))
+
+
+def parse_roi(text: str, where: str) -> tuple[int, int, int, int] | None:
+    """Parse ``x0:x1,y0:y1`` (0-based, half-open) or ``*`` (whole acquisition -> ``None``)."""
+    text = text.strip()
+    if text == "*":
+        return None
+    m = _ROI_RE.match(text)
+    if not m:
+        raise InputError(f"{where}: roi {text!r} is not 'x0:x1,y0:y1' (0-based, half-open) or '*'")
+    x0, x1, y0, y1 = (int(v) for v in m.groups())
+    if x1 <= x0 or y1 <= y0:
+        raise InputError(f"{where}: roi {text!r} is empty (need x0 < x1 and y0 < y1)")
+    return x0, x1, y0, y1
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """One (section, modality) row of the sections sheet."""
+
+    section: str
+    modality: str
+    imzml: str
+    file_id: str
+    roi: tuple[int, int, int, int] | None
+    row: int
+
+
+@dataclass
+class Study:
+    """A validated study: configuration plus the sections sheet."""
+
+    config: dict
+    sheet: str
+    acquisitions: list[Acquisition] = field(default_factory=list)
+
+    @property
+    def chain(self) -> list[str]:
+        return list(self.config["chain"])
+
+    @property
+    def reference(self) -> str:
+        return self.config["chain"][0]
+
+    @property
+    def sections(self) -> list[str]:
+        """Section ids in sheet order."""
+        return list(dict.fromkeys(a.section for a in self.acquisitions))
+
+    def acquisition(self, section: str, modality: str) -> Acquisition:
+        for a in self.acquisitions:
+            if a.section == section and a.modality == modality:
+                return a
+        raise KeyError((section, modality))
+
+    def files(self, modality: str) -> dict[str, str]:
+        """``{file_id: imzml path}`` of one modality, in sheet order."""
+        return {a.file_id: a.imzml for a in self.acquisitions if a.modality == modality}
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Adjacent (coarse, fine) pairs of the chain."""
+        return list(zip(self.chain[:-1], self.chain[1:]))
+
+
+def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisition]:
+    """Read and check the sections sheet.
+
+    imzML paths are taken relative to the sheet's folder unless absolute. Every section must list
+    every modality of the chain exactly once.
+    """
+    sheet = Path(sheet)
+    if not sheet.exists():
+        raise InputError(f"{sheet}: sections sheet not found (config key 'sections')")
+    with open(sheet, newline="") as fh:
+        lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+    reader = csv.reader(lines, delimiter="\t")
+    header = next(reader, None)
+    if header is None:
+        raise InputError(f"{sheet}: the sections sheet is empty")
+    header = [h.strip() for h in header]
+    if tuple(header[:4]) != SHEET_COLUMNS:
+        raise InputError(f"{sheet}: header must be the tab-separated columns "
+                         f"{' '.join(SHEET_COLUMNS)}, got {' '.join(header)!r}")
+    acquisitions: list[Acquisition] = []
+    ids: dict[tuple[str, str], str] = {}
+    for i, fields in enumerate(reader, start=2):
+        where = f"{sheet}, row {i}"
+        if len(fields) < 4:
+            raise InputError(f"{where}: expected 4 tab-separated columns, got {len(fields)}")
+        section, modality, imzml, roi = (f.strip() for f in fields[:4])
+        if not _SECTION_RE.match(section):
+            raise InputError(f"{where}: section id {section!r} must be letters, digits, '_', '.', '-'")
+        if modality not in chain:
+            raise InputError(f"{where}: modality {modality!r} is not in the chain {chain}")
+        path = Path(imzml)
+        if not path.is_absolute():
+            path = sheet.parent / path
+        path = Path(os.path.normpath(path))
+        if path.suffix.lower() != ".imzml":
+            raise InputError(f"{where}: {imzml!r} is not an .imzML file")
+        if not path.exists():
+            raise InputError(f"{where}: imzML file not found: {path}")
+        acquisitions.append(Acquisition(section, modality, str(path), "", parse_roi(roi, where), i))
+    if not acquisitions:
+        raise InputError(f"{sheet}: the sections sheet lists no sections")
+    seen = set()
+    for a in acquisitions:
+        if (a.section, a.modality) in seen:
+            raise InputError(f"{sheet}, row {a.row}: section {a.section!r} lists modality "
+                             f"{a.modality!r} twice")
+        seen.add((a.section, a.modality))
+    for section in dict.fromkeys(a.section for a in acquisitions):
+        absent = [m for m in chain if (section, m) not in seen]
+        if absent:
+            raise InputError(f"{sheet}: section {section!r} has no row for modality "
+                             f"{', '.join(map(repr, absent))} (every section needs the whole chain)")
+    # Unique file ids per modality (two folders may hold files of the same name).
+    for modality in chain:
+        paths = list(dict.fromkeys(a.imzml for a in acquisitions if a.modality == modality))
+        names = _unique_ids(paths)
+        ids.update({(modality, p): n for p, n in zip(paths, names)})
+    return [Acquisition(a.section, a.modality, a.imzml, ids[(a.modality, a.imzml)], a.roi, a.row)
+            for a in acquisitions]
+
+
+def _unique_ids(paths: list[str]) -> list[str]:
+    """File ids of ``paths``: the stem, prefixed by the folder name where stems collide."""
+    stems = [file_id(p) for p in paths]
+    names = [file_id(Path(p).parent.name + "_" + Path(p).name) if stems.count(s) > 1 else s
+             for p, s in zip(paths, stems)]
+    return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def check_rois(acquisitions: list[Acquisition], sheet: str) -> None:
+    """Check every ROI against the image size stated in its imzML header (when stated)."""
+    from .convert import read_imzml_header
+
+    shapes: dict[str, tuple | None] = {}
+    for a in acquisitions:
+        if a.roi is None:
+            continue
+        if a.imzml not in shapes:
+            shapes[a.imzml] = read_imzml_header(a.imzml).get("image_shape")
+        shape = shapes[a.imzml]
+        if shape is None:
+            continue
+        ny, nx = shape
+        x0, x1, y0, y1 = a.roi
+        if x1 > nx or y1 > ny:
+            raise InputError(f"{sheet}, row {a.row}: roi {x0}:{x1},{y0}:{y1} of section "
+                             f"{a.section!r} lies outside the image of {a.imzml} "
+                             f"({nx} x {ny} pixels, x by y)")
+
+
+def load_study(config: dict, source: str = "config", check_images: bool = True) -> Study:
+    """Validate ``config`` and read its sections sheet into a :class:`Study`."""
+    config = validate_config(config, source=source)
+    acquisitions = read_sections(config["sections"], config["chain"])
+    if check_images:
+        check_rois(acquisitions, config["sections"])
+    return Study(config=config, sheet=config["sections"], acquisitions=acquisitions)

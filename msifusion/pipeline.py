@@ -1,0 +1,313 @@
+"""Pipeline steps: one function per workflow job, taking plain paths and parameters.
+
+The Snakemake scripts and the command line both call these, so that a stage behaves the same inside
+and outside the workflow. Algorithms live in the stage modules; these functions only read inputs,
+call them, check the results and write outputs atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import InputError, QualityError
+from .store import atomic_output
+
+log = logging.getLogger("msifusion.pipeline")
+
+
+# ----------------------------------------------------------------------------------------- stage 1
+def convert_step(imzml: str, out: str, *, pixel_size_um: float | None = None,
+                 block_pixels: int = 65536, verify_checksum: bool = True) -> dict:
+    """Convert one imzML file to the converted HDF5 layout."""
+    from .convert import convert_imzml
+
+    summary = convert_imzml(imzml, out, pixel_size_um=pixel_size_um, block_pixels=block_pixels,
+                            verify_checksum=verify_checksum)
+    log.info("converted %s -> %s: %s", imzml, out, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- stage 2
+def axis_step(converted: list[str], out: str, *, ppm: float, min_pixels: int = 1,
+              reference_axis: str | None = None, block_pixels: int = 65536) -> None:
+    """Build a modality's m/z axis from its converted files, or adopt the reference's axis."""
+    from . import spectra
+
+    if reference_axis:
+        ref = spectra.MzAxis.load(reference_axis)
+        axis = spectra.reference_axis(ref.centres, ppm)
+        log.info("m/z axis: %d columns of the reference axis (+-%g ppm)", len(axis.centres), ppm)
+    else:
+        from .store import ConvertedReader
+
+        readers = [ConvertedReader(p) for p in converted]
+        axis = spectra.build_axis(readers, ppm, min_pixels=min_pixels, block_pixels=block_pixels)
+        log.info("m/z axis: %d columns from %d file(s) (%g ppm bins)", len(axis.centres),
+                 len(readers), ppm)
+    with atomic_output(out) as tmp:
+        axis.save(tmp)
+
+
+def nmf_step(converted: dict[str, str], axis: str, out: str, *, modality: str, rank: int,
+             normalize: str = "none", transform: str = "none", backend: str = "hals",
+             max_iter: int = 200, tol: float = 1e-4, seed: int = 0, figure: str | None = None,
+             pixel_size_um: float | None = None) -> None:
+    """Factorise all files of one modality into shared components; optional component figure."""
+    from . import nmf, spectra
+
+    ax = spectra.MzAxis.load(axis)
+    res = nmf.run_nmf(converted, ax, out, rank=rank, normalize=normalize, transform=transform,
+                      backend=backend, max_iter=max_iter, tol=tol, seed=seed, modality=modality)
+    log.info("NMF %s: rank %d, relative error %.4f after %d iterations", modality, rank,
+             res.errors[-1], len(res.errors))
+    if figure:
+        components_figure(out, figure, pixel_size_um=pixel_size_um)
+
+
+def components_figure(nmf_file: str, png: str, *, pixel_size_um: float | None = None) -> None:
+    """Component maps beside their spectra (the published S1/S2 figure) for the first file."""
+    from .nmf import read_nmf
+    from .products import plot_components
+
+    d = read_nmf(nmf_file)
+    fid, maps = next(iter(d["maps"].items()))
+    px = pixel_size_um or d.get("pixel_size_um", {}).get(fid) or float("nan")
+    plot_components(maps, d["spectra"], d["mz"], png, pixel_size_um=px)
+
+
+def degrid_step(nmf_in: str, out: str, *, tile_px: int | None, method: str = "gain",
+                figure: str | None = None) -> None:
+    """Remove the scan-tile grid from a modality's component maps."""
+    from .degrid import degrid_nmf_file
+
+    degrid_nmf_file(nmf_in, out, tile=tile_px, method=method)
+    if figure:
+        components_figure(out, figure)
+
+
+# ----------------------------------------------------------------------------------------- stage 4
+def crop_step(nmf_file: str, file_id: str, out: str, *, section: str, modality: str,
+              roi: list[int] | None, imzml: str = "", pixel_size_um: float | None = None,
+              dilation_px: int = 1, min_size_px: int = 4) -> None:
+    """Cut one section out of a modality's component maps and compute its tissue mask.
+
+    Parameters
+    ----------
+    roi : list of int or None
+        ``[x0, x1, y0, y1]`` (0-based, half-open, acquisition pixels) or None for the whole image.
+    """
+    from .nmf import read_nmf
+    from .tissue import tissue_mask
+
+    where = f"section {section!r}, modality {modality!r} ({imzml or file_id})"
+    d = read_nmf(nmf_file)
+    if file_id not in d["maps"]:
+        raise InputError(f"{nmf_file}: no maps for file {file_id!r} ({where})")
+    maps = d["maps"][file_id]
+    k, ny, nx = maps.shape
+    x0, x1, y0, y1 = roi if roi is not None else (0, nx, 0, ny)
+    if x1 > nx or y1 > ny:
+        raise InputError(f"{where}: roi {x0}:{x1},{y0}:{y1} lies outside the image "
+                         f"({nx} x {ny} pixels, x by y)")
+    crop = np.ascontiguousarray(maps[:, y0:y1, x0:x1])
+    acquired = np.isfinite(crop).all(axis=0)
+    if not acquired.any():
+        raise InputError(f"{where}: roi {x0}:{x1},{y0}:{y1} contains no acquired spectrum "
+                         "(empty section)")
+    # Tissue is told from background on the whole acquisition (which holds both), then cut out,
+    # so that an ROI holding only background comes out empty instead of thresholding noise.
+    whole = np.where(np.isfinite(maps).all(axis=0), np.nansum(maps, axis=0), np.nan)
+    mask = tissue_mask(whole, dilation_px=dilation_px, min_size_px=min_size_px)
+    mask = mask[y0:y1, x0:x1] & acquired
+    if not mask.any():
+        raise InputError(f"{where}: no tissue found in roi {x0}:{x1},{y0}:{y1} (empty section)")
+    px = pixel_size_um if pixel_size_um else d.get("pixel_size_um", {}).get(file_id)
+    if px is None or not np.isfinite(px):
+        raise InputError(f"{where}: pixel size unknown: the imzML has none; set "
+                         f"'modalities.{modality}.pixel_size_um' in the config")
+    log.info("%s: roi %d x %d pixels, %d acquired, %d tissue", where, x1 - x0, y1 - y0,
+             acquired.sum(), mask.sum())
+    with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
+        f["maps"] = crop.astype(np.float32)
+        f["mask"] = mask
+        f["acquired"] = acquired
+        f["spectra"] = d["spectra"]
+        f["mz"] = d["mz"]
+        f.attrs.update(origin_xy=(x0, y0), pixel_size_um=float(px), modality=modality,
+                       section=section, source=str(imzml))
+
+
+def read_section_maps(path: str) -> dict:
+    """Read a section maps file written by :func:`crop_step`."""
+    with h5py.File(path, "r") as f:
+        d = {k: f[k][()] for k in ("maps", "mask", "acquired", "spectra", "mz")}
+        d.update({k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()})
+    return d
+
+
+def total_image(d: dict) -> np.ndarray:
+    """Total-ion-like image of a section maps dict: the sum of its component maps (NaN off-scan)."""
+    return np.where(d["acquired"], np.nansum(d["maps"], axis=0), np.nan)
+
+
+def register_step(coarse: str, fine: str, out_json: str, out_png: str, *, model: str = "rigid",
+                  n_starts: int = 36, mirror: bool = False, iterations: int = 150,
+                  min_score: float = 0.6, seed: int = 0) -> None:
+    """Register a fine modality's section to the coarse one; write the transform JSON and QC PNG."""
+    from .register import plot_overlay, register_pair
+
+    c, f = read_section_maps(coarse), read_section_maps(fine)
+    reg = register_pair(total_image(c), c["mask"], c["pixel_size_um"], total_image(f), f["mask"],
+                        f["pixel_size_um"], model=model, n_starts=n_starts, mirror=mirror,
+                        iterations=iterations, min_score=min_score, seed=seed)
+    doc = reg.to_json() | {"section": c["section"], "coarse": c["modality"], "fine": f["modality"]}
+    plot_overlay(total_image(c), total_image(f), reg, out_png)
+    with atomic_output(out_json) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2))
+    level = logging.INFO if reg.passed else logging.WARNING
+    log.log(level, "section %r: %s -> %s rotation %.2f deg, score %.3f (%s)", c["section"],
+            f["modality"], c["modality"], reg.rotation_deg, reg.score,
+            "passed" if reg.passed else f"FAILED: below min_score {min_score}")
+
+
+# ----------------------------------------------------------------------------------------- stage 5
+def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: str, *,
+              method: str = "ridge", n_components: int = 10, scales_px=(0, 1, 2, 4),
+              consistency: bool = False, min_coverage: float = 0.9, seed: int = 0) -> None:
+    """Chained fusion of one section: predict reference maps at every finer level.
+
+    Parameters
+    ----------
+    maps : list of str
+        Section maps files in chain order (reference first).
+    transforms : list of str
+        Registration JSON files of the adjacent pairs, in chain order.
+    outs : list of str
+        Fused product paths for ``maps[1:]``.
+    report : str
+        JSON file with the cross-validated scores per level and component.
+    """
+    from .fuse import fuse_chain
+    from .products import write_fused
+    from .register import Registration
+
+    levels = [read_section_maps(p) for p in maps]
+    regs = []
+    for path in transforms:
+        doc = json.loads(Path(path).read_text())
+        if not doc.get("passed", False):
+            raise QualityError(
+                f"section {doc.get('section')!r}: registration {doc.get('fine')} -> "
+                f"{doc.get('coarse')} failed (score {doc.get('score', float('nan')):.3f}); not "
+                f"fusing it. Inspect {Path(path).with_name(Path(path).stem.replace('transform', 'qc'))}"
+                ".png, fix the ROI or lower registration.min_score")
+        regs.append(Registration.from_json(doc))
+    ref = levels[0]
+    target = np.where(ref["acquired"][None], ref["maps"], np.nan)
+    results = fuse_chain(
+        [dict(maps=target, mask=ref["mask"])] + [dict(maps=lv["maps"], mask=lv["mask"]) for lv in
+                                                 levels[1:]],
+        [r.matrix for r in regs], method=method, n_components=n_components,
+        scales_px=tuple(scales_px), consistency=consistency, min_coverage=min_coverage, seed=seed)
+    summary = {"section": ref["section"], "reference": ref["modality"], "method": method,
+               "levels": []}
+    for lv, res, out in zip(levels[1:], results, outs):
+        write_fused(out, res.pred, ref["spectra"], ref["mz"], origin_xy=tuple(lv["origin_xy"]),
+                    pixel_size_um=float(lv["pixel_size_um"]), reference=ref["modality"],
+                    extra={"cv_r": np.asarray(res.cv_r, np.float32)})
+        summary["levels"].append({"modality": lv["modality"],
+                                  "cv_r": [float(v) for v in res.cv_r]})
+        log.info("section %r, %s: mean cross-validated r %.3f", ref["section"], lv["modality"],
+                 float(np.nanmean(res.cv_r)))
+    with atomic_output(report) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2))
+
+
+def products_step(reference_maps: str, fused: list[str], out_dir: str, *, targets: list[float],
+                  ppm: float, outputs: list[str] | None = None) -> list[str]:
+    """Ion images (PNG + float TIFF) of every target at every level, and ROI mean spectra.
+
+    Level 0 is the reference's own component maps; the others are the fused products.
+    Returns the list of files written.
+    """
+    from .products import (ion_image, plot_spectrum, read_fused, roi_mean_spectrum, save_image_png,
+                           save_tiff)
+
+    ref = read_section_maps(reference_maps)
+    levels = [(ref["modality"], ref["maps"], ref["mask"], float(ref["pixel_size_um"]))]
+    for path in fused:
+        d = read_fused(path)
+        levels.append((_modality_of(path), d["maps"], np.isfinite(d["maps"]).all(0),
+                       float(d["pixel_size_um"])))
+    written, spectra_by_level = [], {}
+    for modality, maps, mask, px in levels:
+        spectra_by_level[f"{modality} ({px:g} um)"] = roi_mean_spectrum(ref["spectra"], maps, mask)
+        for mz in targets:
+            img = ion_image(ref["spectra"], ref["mz"], maps, mz, ppm)
+            stem = Path(out_dir) / f"ion_{modality}_mz{mz:.4f}"
+            save_image_png(img, f"{stem}.png", pixel_size_um=px,
+                           title=f"{ref['section']}: m/z {mz:.4f} +- {ppm:g} ppm, {modality} grid",
+                           label="intensity (a.u.)")
+            save_tiff(img, f"{stem}.tif", pixel_size_um=px)
+            written += [f"{stem}.png", f"{stem}.tif"]
+    png = str(Path(out_dir) / "roi_mean_spectra.png")
+    plot_spectrum(ref["mz"], spectra_by_level, png, title=f"{ref['section']}: tissue mean spectra",
+                  targets=targets)
+    written.append(png)
+    missing = sorted(set(outputs or []) - set(map(str, written)))
+    if missing:
+        raise RuntimeError(f"products step did not write {missing}")
+    return written
+
+
+def _modality_of(fused_path: str) -> str:
+    return Path(fused_path).stem.removeprefix("fused_")
+
+
+# ------------------------------------------------------------------------------------ job harness
+def setup_logging(log_file: str | None = None, level: int = logging.INFO) -> None:
+    """Log ``msifusion.*`` progress to stderr and, when given, to ``log_file``."""
+    root = logging.getLogger("msifusion")
+    root.setLevel(level)
+    root.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+def run_job(smk, step, **kwargs) -> None:
+    """Run a pipeline step inside a Snakemake ``script:`` job.
+
+    Logs go to the rule's ``log:`` file and to stderr; an :class:`MsifusionError` ends the job with
+    one clear message instead of a traceback; torch and BLAS use the rule's ``threads``.
+    """
+    import sys
+
+    from .errors import MsifusionError
+
+    setup_logging(smk.log[0] if len(smk.log) else None)
+    threads = max(1, int(getattr(smk, "threads", 1)))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    try:
+        step(**kwargs)
+    except MsifusionError as err:
+        log.error("msifusion error: %s", err)
+        sys.exit(1)
+    except Exception:
+        log.exception("unexpected error in %s", getattr(step, "__name__", step))
+        raise

@@ -1,0 +1,246 @@
+"""HDF5 storage shared by all stages: atomic writes and the converted-spectra layout.
+
+The converted layout (one file per imzML file) is a CSR matrix over the acquired pixels with
+per-pixel m/z values; see ``docs/design.md``. It is read in row blocks so that no stage needs
+the whole file in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from .errors import InputError
+
+FORMAT = "msifusion-converted"
+FORMAT_VERSION = 1
+#: Number of values per HDF5 chunk of the m/z and intensity arrays.
+CHUNK_VALUES = 1 << 18
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    Parameters
+    ----------
+    path : path-like
+        Final output path. Its parent folder is created when missing.
+
+    Yields
+    ------
+    pathlib.Path
+        Temporary path in the same folder (same file system, so the rename is atomic).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_converted(
+    path: str | os.PathLike,
+    *,
+    indptr: np.ndarray,
+    mz: np.ndarray,
+    intensity: np.ndarray,
+    xy: np.ndarray,
+    z: np.ndarray | None = None,
+    attrs: dict | None = None,
+) -> None:
+    """Write an in-memory CSR spectra set in the converted layout (atomically).
+
+    Parameters
+    ----------
+    path : path-like
+        Output HDF5 file.
+    indptr : ndarray, shape (n_pixels + 1,)
+        Row pointers into ``mz`` / ``intensity``.
+    mz : ndarray, shape (nnz,)
+        m/z values, increasing within each pixel.
+    intensity : ndarray, shape (nnz,)
+        Intensities (counts or arbitrary units), non-negative.
+    xy : ndarray, shape (n_pixels, 2)
+        0-based (x, y) pixel coordinates.
+    z : ndarray, shape (n_pixels,), optional
+        0-based z coordinates (zeros when omitted).
+    attrs : dict, optional
+        Metadata (``pixel_size_um``, ``source``, ``uuid``, ``mode``, ``spectrum_type``, ...).
+    """
+    xy = np.asarray(xy, dtype=np.int32).reshape(-1, 2)
+    n = len(xy)
+    with ConvertedWriter(path, n_pixels=n, attrs=attrs) as w:
+        w.append(np.asarray(indptr), np.asarray(mz), np.asarray(intensity))
+        w.set_pixels(xy, z)
+
+
+class ConvertedWriter:
+    """Streaming writer of the converted layout: append blocks of spectra, then set pixel coordinates.
+
+    Use as a context manager; the file appears at ``path`` only when the block exits without error.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, n_pixels: int, attrs: dict | None = None):
+        self.path = Path(path)
+        self.n_pixels = int(n_pixels)
+        self.attrs = dict(attrs or {})
+        self._ctx = atomic_output(self.path)
+        self._f: h5py.File | None = None
+        self._rows = 0
+        self._nnz = 0
+
+    def __enter__(self) -> "ConvertedWriter":
+        tmp = self._ctx.__enter__()
+        f = h5py.File(tmp, "w")
+        self._f = f
+        g = f.create_group("spectra")
+        g.create_dataset("indptr", shape=(self.n_pixels + 1,), dtype=np.int64)
+        g["indptr"][0] = 0
+        for name, dtype in (("mz", np.float64), ("intensity", np.float32)):
+            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                             chunks=(CHUNK_VALUES,), compression="gzip", compression_opts=1,
+                             shuffle=True)
+        return self
+
+    def append(self, indptr: np.ndarray, mz: np.ndarray, intensity: np.ndarray) -> None:
+        """Append a block of spectra given as local CSR arrays (``indptr[0] == 0``)."""
+        indptr = np.asarray(indptr, dtype=np.int64)
+        rows = len(indptr) - 1
+        if self._rows + rows > self.n_pixels:
+            raise ValueError(f"{self.path}: more spectra appended than the {self.n_pixels} declared")
+        g = self._f["spectra"]
+        nnz = int(indptr[-1] - indptr[0])
+        for name, values in (("mz", mz), ("intensity", intensity)):
+            d = g[name]
+            d.resize((self._nnz + nnz,))
+            if nnz:
+                d[self._nnz:] = values[indptr[0]:indptr[-1]]
+        g["indptr"][self._rows + 1:self._rows + rows + 1] = indptr[1:] - indptr[0] + self._nnz
+        self._rows += rows
+        self._nnz += nnz
+
+    def set_pixels(self, xy: np.ndarray, z: np.ndarray | None = None) -> None:
+        """Store the 0-based (x, y) (and z) coordinates of all spectra, in append order."""
+        xy = np.asarray(xy, dtype=np.int32).reshape(-1, 2)
+        if len(xy) != self.n_pixels:
+            raise ValueError(f"{self.path}: {len(xy)} coordinates for {self.n_pixels} spectra")
+        z = np.zeros(len(xy), np.int32) if z is None else np.asarray(z, dtype=np.int32)
+        g = self._f.require_group("pixels")
+        g.create_dataset("xy", data=xy, chunks=True, compression="gzip", compression_opts=1)
+        g.create_dataset("z", data=z, chunks=True, compression="gzip", compression_opts=1)
+        shape = (int(xy[:, 1].max()) + 1, int(xy[:, 0].max()) + 1) if len(xy) else (0, 0)
+        self.attrs.setdefault("image_shape", shape)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        f, self._f = self._f, None
+        try:
+            if exc_type is None:
+                if self._rows != self.n_pixels:
+                    raise ValueError(f"{self.path}: {self._rows} of {self.n_pixels} spectra written")
+                if "pixels" not in f:
+                    raise ValueError(f"{self.path}: pixel coordinates were never set")
+                attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                         "pixel_size_um": float("nan")} | self.attrs
+                for key, value in attrs.items():
+                    f.attrs[key] = "" if value is None else value
+        except BaseException as err:
+            f.close()
+            self._ctx.__exit__(type(err), err, err.__traceback__)
+            raise
+        f.close()
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+
+class ConvertedReader:
+    """Read a converted HDF5 file in row blocks.
+
+    Parameters
+    ----------
+    path : path-like
+        File written by :func:`msifusion.convert.convert_imzml` or :func:`write_converted`.
+
+    Attributes
+    ----------
+    n_pixels : int
+        Number of acquired pixels (rows).
+    image_shape : tuple of int
+        ``(ny, nx)`` of the acquisition grid.
+    xy : ndarray, shape (n_pixels, 2)
+        0-based pixel coordinates.
+    pixel_size_um : float
+        Pixel size in micrometres (NaN when the file has none).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: converted file not found")
+        try:
+            with h5py.File(self.path, "r") as f:
+                if f.attrs.get("format") != FORMAT:
+                    raise InputError(f"{self.path}: not an msifusion converted file "
+                                     f"(format attribute is {f.attrs.get('format')!r})")
+                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+                self.indptr = f["spectra/indptr"][:]
+                self.xy = f["pixels/xy"][:]
+                self.z = f["pixels/z"][:]
+        except OSError as err:
+            raise InputError(f"{self.path}: cannot be read as HDF5 ({err})") from err
+        self.n_pixels = len(self.xy)
+        self.nnz = int(self.indptr[-1])
+        self.image_shape = tuple(int(v) for v in self.attrs["image_shape"])
+        self.pixel_size_um = float(self.attrs.get("pixel_size_um", float("nan")))
+
+    def iter_blocks(self, block_pixels: int = 65536):
+        """Yield ``(start, stop, indptr, mz, intensity)`` for consecutive blocks of pixels.
+
+        ``indptr`` has shape ``(stop - start + 1,)`` and starts at 0; memory per block is
+        bounded by the block's number of values.
+        """
+        with h5py.File(self.path, "r") as f:
+            mz_d, int_d = f["spectra/mz"], f["spectra/intensity"]
+            for start in range(0, self.n_pixels, max(1, int(block_pixels))):
+                stop = min(start + int(block_pixels), self.n_pixels)
+                a, b = int(self.indptr[start]), int(self.indptr[stop])
+                yield (start, stop, self.indptr[start:stop + 1] - a,
+                       mz_d[a:b], int_d[a:b])
+
+    def tic(self, block_pixels: int = 65536) -> np.ndarray:
+        """Total ion count per pixel, shape (n_pixels,), float64."""
+        out = np.zeros(self.n_pixels)
+        for start, stop, indptr, _mz, inten in self.iter_blocks(block_pixels):
+            rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+            out[start:stop] = np.bincount(rows, weights=inten, minlength=stop - start)
+        return out
+
+    def to_image(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
+        """Scatter per-pixel ``values`` (n_pixels, ...) onto the acquisition grid (ny, nx, ...)."""
+        values = np.asarray(values)
+        img = np.full(self.image_shape + values.shape[1:], fill, dtype=np.result_type(values, np.float32))
+        img[self.xy[:, 1], self.xy[:, 0]] = values
+        return img
+
+
+def _plain(value):
+    """HDF5 attribute -> plain Python value (str, float, int or tuple)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return tuple(v.item() if hasattr(v, "item") else v for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

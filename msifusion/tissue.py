@@ -1,0 +1,200 @@
+"""Tissue masks, sections and regions of interest from a total-ion-like image.
+
+The tissue mask follows the published recipe: an Otsu threshold on the (log) total-ion-like image,
+then the morphological clean-up (dilation, hole filling) and removal of small objects. Connected
+components of the mask are the tissue sections; :func:`propose_rois` turns them into ROIs
+``(x0, x1, y0, y1)`` (half-open, pixels, see ``docs/design.md``).
+
+All functions take images indexed ``[y, x]``; ``NaN`` marks pixels that were not acquired and is
+never counted as tissue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+
+log = logging.getLogger("msifusion.tissue")
+
+__all__ = ["tissue_mask", "label_sections", "propose_rois", "soft_mask"]
+
+
+def _disk(radius: int) -> np.ndarray:
+    """Boolean disk footprint of integer ``radius`` (pixels), shape (2r+1, 2r+1)."""
+    r = int(radius)
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return xx * xx + yy * yy <= r * r + r  # "+ r" rounds the rim like skimage.morphology.disk
+
+
+def _log_image(values: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """``log(image + eps)`` with ``eps`` = 1e-3 x the 99th percentile of the finite values.
+
+    Negative values (baseline-corrected data) are clipped to 0 first. Non-finite pixels stay NaN.
+    """
+    v = np.where(finite, np.clip(values, 0.0, None), np.nan)
+    top = float(np.nanpercentile(v, 99.0))
+    eps = 1e-3 * top if top > 0 else 1.0
+    return np.log(v + eps)
+
+
+def remove_small_components(mask: np.ndarray, min_size_px: int, connectivity: int = 2) -> np.ndarray:
+    """Drop connected components of ``mask`` with fewer than ``min_size_px`` pixels.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (ny, nx)
+    min_size_px : int
+        Smallest component kept, in pixels.
+    connectivity : {1, 2}
+        1: 4-connected, 2: 8-connected.
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+    """
+    labels, n = ndi.label(mask, structure=ndi.generate_binary_structure(2, connectivity))
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= int(min_size_px)
+    keep[0] = False
+    return keep[labels]
+
+
+def tissue_mask(
+    image: np.ndarray,
+    *,
+    dilation_px: int = 1,
+    min_size_px: int | None = None,
+    threshold: float | None = None,
+    log_scale: bool = True,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Tissue mask of a total-ion-like image: Otsu threshold, dilation, hole filling, small objects out.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+        Total-ion-like image (e.g. TIC or the sum of NMF component maps), any non-negative units;
+        ``NaN`` where not acquired.
+    dilation_px : int
+        Radius (pixels) of the disk the thresholded mask is dilated with (0: none). Keep it small:
+        it grows the mask by this many pixels of *this* modality.
+    min_size_px : int, optional
+        Connected components smaller than this (pixels) are removed. Default: 0.5 % of the acquired
+        pixels, at least 4.
+    threshold : float, optional
+        Fixed threshold in the units of ``image`` (tissue is ``image > threshold``); default Otsu.
+    log_scale : bool
+        Apply Otsu to ``log(image + eps)`` (robust to hot spots) instead of the plain image. Ignored
+        when ``threshold`` is given.
+    fill_holes : bool
+        Fill holes enclosed by tissue.
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+        True on tissue; always False where ``image`` is not finite. All False when nothing separates
+        tissue from background (constant or empty image): the caller decides what to do.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim != 2:
+        raise ValueError(f"tissue_mask: expected a 2-D image (ny, nx), got shape {img.shape}")
+    finite = np.isfinite(img)
+    empty = np.zeros(img.shape, dtype=bool)
+    if not finite.any():
+        log.warning("tissue_mask: image has no finite pixel; returning an empty mask")
+        return empty
+    if threshold is not None:
+        mask = finite & (np.where(finite, img, -np.inf) > float(threshold))
+    else:
+        work = _log_image(img, finite) if log_scale else np.where(finite, img, np.nan)
+        vals = work[finite]
+        if float(vals.max()) <= float(vals.min()):
+            log.warning("tissue_mask: constant image; returning an empty mask")
+            return empty
+        t = threshold_otsu(vals)
+        mask = finite & (np.where(finite, work, -np.inf) > t)
+    if dilation_px and dilation_px > 0:
+        mask = ndi.binary_dilation(mask, structure=_disk(dilation_px))
+    if fill_holes:
+        mask = ndi.binary_fill_holes(mask)
+    mask &= finite
+    if min_size_px is None:
+        min_size_px = max(4, int(round(0.005 * finite.sum())))
+    mask = remove_small_components(mask, min_size_px)
+    log.debug("tissue_mask: %d tissue pixels of %d acquired", int(mask.sum()), int(finite.sum()))
+    return mask
+
+
+def label_sections(mask: np.ndarray, connectivity: int = 2) -> tuple[np.ndarray, int]:
+    """Connected components of a tissue mask, numbered by decreasing size.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (ny, nx)
+    connectivity : {1, 2}
+        1: 4-connected, 2: 8-connected.
+
+    Returns
+    -------
+    labels : ndarray of int32, shape (ny, nx)
+        0 on background, 1 on the largest component, 2 on the next, ...
+    n : int
+        Number of components.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    labels, n = ndi.label(mask, structure=ndi.generate_binary_structure(2, connectivity))
+    if n == 0:
+        return labels.astype(np.int32), 0
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    order = np.argsort(-sizes, kind="stable")  # old label - 1, largest first
+    relabel = np.zeros(n + 1, dtype=np.int32)
+    relabel[order + 1] = np.arange(1, n + 1, dtype=np.int32)
+    return relabel[labels], int(n)
+
+
+def propose_rois(mask: np.ndarray, margin_px: int = 0) -> list[tuple[int, int, int, int]]:
+    """One bounding box per tissue section, largest section first.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (ny, nx)
+    margin_px : int
+        Pixels added on every side (clipped to the image).
+
+    Returns
+    -------
+    list of (x0, x1, y0, y1)
+        Half-open pixel ranges: the section lies in ``image[y0:y1, x0:x1]``.
+    """
+    labels, n = label_sections(mask)
+    ny, nx = labels.shape
+    m = int(margin_px)
+    rois = []
+    for sl in ndi.find_objects(labels, max_label=n):  # index i -> label i + 1 (largest first)
+        ys, xs = sl
+        rois.append((max(0, xs.start - m), min(nx, xs.stop + m), max(0, ys.start - m), min(ny, ys.stop + m)))
+    return rois
+
+
+def soft_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian-smoothed mask in [0, 1].
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (ny, nx)
+    sigma_px : float
+        Gaussian sigma in pixels (0: no smoothing).
+
+    Returns
+    -------
+    ndarray of float32, shape (ny, nx)
+    """
+    m = np.asarray(mask, dtype=np.float32)
+    if sigma_px and sigma_px > 0:
+        m = ndi.gaussian_filter(m, float(sigma_px), mode="constant", cval=0.0)
+    return np.clip(m, 0.0, 1.0).astype(np.float32, copy=False)

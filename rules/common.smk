@@ -1,0 +1,78 @@
+# Configuration, the sections sheet and the helpers that turn them into file names.
+import os
+import sys
+
+# The library lives beside the workflow; make it importable here and in every job.
+sys.path.insert(0, workflow.basedir)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (workflow.basedir, os.environ.get("PYTHONPATH", "")) if p
+)
+
+from msifusion.config import load_study
+from msifusion.errors import InputError
+
+try:
+    STUDY = load_study(config, source="config")
+except InputError as err:
+    sys.stderr.write(f"msifusion: invalid study: {err}\n")
+    raise SystemExit(1)
+
+CHAIN = STUDY.chain
+REF = STUDY.reference
+MODS = config["modalities"]
+SECTIONS = STUDY.sections
+TARGETS = [float(mz) for mz in config["targets"]["mz"]]
+
+
+wildcard_constraints:
+    modality="[A-Za-z][A-Za-z0-9-]*",
+    coarse="[A-Za-z][A-Za-z0-9-]*",
+    fine="[A-Za-z][A-Za-z0-9-]*",
+    section="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    file_id="[A-Za-z0-9_.-]+",
+
+
+def lib(module):
+    """A library module as a tracked input: editing it reruns the rules that use it."""
+    return os.path.join(workflow.basedir, "msifusion", f"{module}.py")
+
+
+def converted(modality):
+    """Converted HDF5 files of one modality, in sheet order."""
+    return [f"results/converted/{modality}/{fid}.h5" for fid in STUDY.files(modality)]
+
+
+def components(modality):
+    """The modality's component file used downstream (grid-corrected when configured)."""
+    suffix = ".degrid" if MODS[modality]["grid"]["enabled"] else ""
+    return f"results/nmf/{modality}{suffix}.h5"
+
+
+def size_mb(paths):
+    """Total size of existing input files in MB (0 for files not yet made)."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    return sum(os.path.getsize(p) for p in paths if os.path.exists(p)) / 1e6
+
+
+def pair_files(section, kind, ext):
+    return [f"results/{section}/{kind}_{c}_{f}.{ext}" for c, f in STUDY.pairs()]
+
+
+def product_files(section):
+    files = [f"results/{section}/roi_mean_spectra.png"]
+    for modality in CHAIN:
+        for mz in TARGETS:
+            stem = f"results/{section}/ion_{modality}_mz{mz:.4f}"
+            files += [f"{stem}.png", f"{stem}.tif"]
+    return files
+
+
+def all_outputs():
+    out = []
+    for section in SECTIONS:
+        out += [f"results/{section}/fused_{m}.h5" for m in CHAIN[1:]]
+        out += pair_files(section, "qc", "png") + product_files(section)
+    out += [f"results/nmf/{m}_components.png" for m in CHAIN]
+    if config["evaluation"]["truth"]:
+        out.append("results/evaluation.tsv")
+    return out

@@ -1,0 +1,25 @@
+rule evaluate:
+    """Fused vs bicubic ion images against ground truth (phantom studies with a truth folder)."""
+    input:
+        truth=lambda wc: [f"{config['evaluation']['truth']}/{s}.h5" for s in SECTIONS],
+        fused=[f"results/{s}/fused_{m}.h5" for s in SECTIONS for m in CHAIN[1:]],
+        reference=[f"results/converted/{REF}/{STUDY.acquisition(s, REF).file_id}.h5" for s in SECTIONS],
+        code=lib("evaluate"),
+    output:
+        table="results/evaluation.tsv",
+    log:
+        "logs/evaluate.log",
+    params:
+        sections=SECTIONS,
+        chain=CHAIN,
+        rois=[list(STUDY.acquisition(s, REF).roi or []) for s in SECTIONS],
+        targets=TARGETS,
+        ppm=config["targets"]["ppm"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/fuse.yaml"
+    script:
+        "../scripts/evaluate.py"

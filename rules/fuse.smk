@@ -1,0 +1,52 @@
+rule fuse:
+    """Chained fusion of one section: reference component maps predicted at every finer level."""
+    input:
+        maps=lambda wc: [f"results/{wc.section}/maps_{m}.h5" for m in CHAIN],
+        transforms=lambda wc: pair_files(wc.section, "transform", "json"),
+        code=lib("fuse"),
+    output:
+        fused=[f"results/{{section}}/fused_{m}.h5" for m in CHAIN[1:]],
+        report="results/{section}/fusion.json",
+    log:
+        "logs/fuse/{section}.log",
+    benchmark:
+        "results/benchmarks/fuse/{section}.tsv"
+    params:
+        method=config["fusion"]["method"],
+        n_components=config["fusion"]["n_components"],
+        scales_px=config["fusion"]["scales_px"],
+        consistency=config["fusion"]["consistency"],
+        min_coverage=config["fusion"]["min_coverage"],
+        seed=config["seed"],
+    threads: 2
+    resources:
+        mem_mb=lambda wc, input, attempt: int(2000 + 20 * size_mb(input.maps)) * attempt,
+        runtime=lambda wc, input, attempt: 30 * attempt,
+    retries: 1
+    conda:
+        "../envs/fuse.yaml"
+    script:
+        "../scripts/fuse.py"
+
+
+rule products:
+    """Ion images of the targets at every level (PNG + float TIFF) and ROI mean spectra."""
+    input:
+        reference=f"results/{{section}}/maps_{REF}.h5",
+        fused=[f"results/{{section}}/fused_{m}.h5" for m in CHAIN[1:]],
+        code=lib("products"),
+    output:
+        product_files("{section}"),
+    log:
+        "logs/products/{section}.log",
+    params:
+        targets=TARGETS,
+        ppm=config["targets"]["ppm"],
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: int(1000 + 4 * size_mb(input)) * attempt,
+        runtime=lambda wc, input, attempt: 10 * attempt,
+    conda:
+        "../envs/fuse.yaml"
+    script:
+        "../scripts/products.py"

@@ -1,0 +1,83 @@
+rule mz_axis:
+    """The modality's m/z axis: its own ppm grid, or the reference's axis (published choice)."""
+    input:
+        converted=lambda wc: converted(wc.modality),
+        reference=lambda wc: (
+            [f"results/nmf/{REF}.axis.h5"]
+            if MODS[wc.modality]["binning"]["mode"] == "reference"
+            else []
+        ),
+        code=lib("spectra"),
+    output:
+        "results/nmf/{modality}.axis.h5",
+    log:
+        "logs/mz_axis/{modality}.log",
+    params:
+        ppm=lambda wc: MODS[wc.modality]["binning"]["ppm"],
+        min_pixels=lambda wc: MODS[wc.modality]["binning"]["min_pixels"],
+        block_pixels=config["nmf"]["block_pixels"],
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: 2000 * attempt,
+        runtime=lambda wc, input, attempt: int(10 + size_mb(input.converted) / 100) * attempt,
+    conda:
+        "../envs/nmf.yaml"
+    script:
+        "../scripts/mz_axis.py"
+
+
+rule nmf:
+    """Sparse NMF over all files of one modality: one shared set of components."""
+    input:
+        converted=lambda wc: converted(wc.modality),
+        axis="results/nmf/{modality}.axis.h5",
+        code=[lib("nmf"), lib("spectra")],
+    output:
+        nmf="results/nmf/{modality}.h5",
+        figure="results/nmf/{modality}_components.png",
+    log:
+        "logs/nmf/{modality}.log",
+    benchmark:
+        "results/benchmarks/nmf/{modality}.tsv"
+    params:
+        file_ids=lambda wc: list(STUDY.files(wc.modality)),
+        rank=lambda wc: MODS[wc.modality]["nmf"]["rank"],
+        normalize=lambda wc: MODS[wc.modality]["nmf"]["normalize"],
+        transform=lambda wc: MODS[wc.modality]["nmf"]["transform"],
+        backend=config["nmf"]["backend"],
+        max_iter=config["nmf"]["max_iter"],
+        tol=config["nmf"]["tol"],
+        seed=config["seed"],
+        pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
+    threads: 2
+    resources:
+        mem_mb=lambda wc, input, attempt: int(2000 + 4 * size_mb(input.converted)) * attempt,
+        runtime=lambda wc, input, attempt: int(20 + size_mb(input.converted) / 10) * attempt,
+    retries: 1
+    conda:
+        "../envs/nmf.yaml"
+    script:
+        "../scripts/nmf.py"
+
+
+rule degrid:
+    """Remove the scan-tile grid (ToF-SIMS) from the component maps."""
+    input:
+        nmf="results/nmf/{modality}.h5",
+        code=lib("degrid"),
+    output:
+        nmf="results/nmf/{modality}.degrid.h5",
+        figure="results/nmf/{modality}_components.degrid.png",
+    log:
+        "logs/degrid/{modality}.log",
+    params:
+        tile_px=lambda wc: MODS[wc.modality]["grid"]["tile_px"],
+        method=lambda wc: MODS[wc.modality]["grid"]["method"],
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: int(1000 + 3 * size_mb(input.nmf)) * attempt,
+        runtime=lambda wc, input, attempt: 15 * attempt,
+    conda:
+        "../envs/nmf.yaml"
+    script:
+        "../scripts/degrid.py"

@@ -1,0 +1,58 @@
+rule crop:
+    """One section of one modality: its ROI of the component maps and its tissue mask."""
+    input:
+        nmf=lambda wc: components(wc.modality),
+        code=[lib("tissue"), lib("pipeline")],
+    output:
+        "results/{section}/maps_{modality}.h5",
+    log:
+        "logs/crop/{section}/{modality}.log",
+    params:
+        file_id=lambda wc: STUDY.acquisition(wc.section, wc.modality).file_id,
+        imzml=lambda wc: STUDY.acquisition(wc.section, wc.modality).imzml,
+        roi=lambda wc: (
+            list(STUDY.acquisition(wc.section, wc.modality).roi)
+            if STUDY.acquisition(wc.section, wc.modality).roi
+            else None
+        ),
+        pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
+        dilation_px=config["tissue"]["dilation_px"],
+        min_size_px=config["tissue"]["min_size_px"],
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: int(1000 + 2 * size_mb(input.nmf)) * attempt,
+        runtime=lambda wc, input, attempt: 10 * attempt,
+    conda:
+        "../envs/register.yaml"
+    script:
+        "../scripts/crop.py"
+
+
+rule register:
+    """Rigid (or affine) registration of an adjacent chain pair: fine -> coarse, multi-start."""
+    input:
+        coarse="results/{section}/maps_{coarse}.h5",
+        fine="results/{section}/maps_{fine}.h5",
+        code=lib("register"),
+    output:
+        transform="results/{section}/transform_{coarse}_{fine}.json",
+        qc="results/{section}/qc_{coarse}_{fine}.png",
+    log:
+        "logs/register/{section}/{coarse}_{fine}.log",
+    benchmark:
+        "results/benchmarks/register/{section}/{coarse}_{fine}.tsv"
+    params:
+        model=config["registration"]["model"],
+        n_starts=config["registration"]["n_starts"],
+        mirror=config["registration"]["mirror"],
+        iterations=config["registration"]["iterations"],
+        min_score=config["registration"]["min_score"],
+        seed=config["seed"],
+    threads: 2
+    resources:
+        mem_mb=lambda wc, input, attempt: int(2000 + 4 * size_mb(input)) * attempt,
+        runtime=lambda wc, input, attempt: 20 * attempt,
+    conda:
+        "../envs/register.yaml"
+    script:
+        "../scripts/register.py"

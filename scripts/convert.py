@@ -1,0 +1,5 @@
+"""Snakemake job: imzML -> HDF5 (see msifusion.pipeline.convert_step)."""
+from msifusion.pipeline import convert_step, run_job
+
+run_job(snakemake, convert_step, imzml=snakemake.input.imzml, out=snakemake.output[0],
+        **snakemake.params)

@@ -1,0 +1,5 @@
+"""Snakemake job: scan-tile grid removal (see msifusion.pipeline.degrid_step)."""
+from msifusion.pipeline import degrid_step, run_job
+
+run_job(snakemake, degrid_step, nmf_in=snakemake.input.nmf, out=snakemake.output.nmf,
+        figure=snakemake.output.figure, **snakemake.params)

@@ -1,0 +1,8 @@
+"""Snakemake job: NMF of one modality (see msifusion.pipeline.nmf_step)."""
+from msifusion.pipeline import nmf_step, run_job
+
+params = dict(snakemake.params)
+file_ids = params.pop("file_ids")
+run_job(snakemake, nmf_step, converted=dict(zip(file_ids, snakemake.input.converted)),
+        axis=snakemake.input.axis, out=snakemake.output.nmf, figure=snakemake.output.figure,
+        modality=snakemake.wildcards.modality, **params)

@@ -1,0 +1,8 @@
+"""Snakemake job: ion images and ROI spectra of one section (see msifusion.pipeline.products_step)."""
+import os
+
+from msifusion.pipeline import products_step, run_job
+
+run_job(snakemake, products_step, reference_maps=snakemake.input.reference,
+        fused=list(snakemake.input.fused), out_dir=os.path.dirname(snakemake.output[0]),
+        outputs=list(snakemake.output), **snakemake.params)

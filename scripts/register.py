@@ -1,0 +1,5 @@
+"""Snakemake job: registration of an adjacent chain pair (see msifusion.pipeline.register_step)."""
+from msifusion.pipeline import register_step, run_job
+
+run_job(snakemake, register_step, coarse=snakemake.input.coarse, fine=snakemake.input.fine,
+        out_json=snakemake.output.transform, out_png=snakemake.output.qc, **snakemake.params)

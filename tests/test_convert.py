@@ -1,0 +1,387 @@
+"""Tests of msifusion.convert: imzML -> converted HDF5, header reading, input validation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyimzml.ImzMLParser import ImzMLParser
+from pyimzml.ImzMLWriter import ImzMLWriter
+
+from msifusion.convert import convert_imzml, read_imzml_header
+from msifusion.errors import InputError
+from msifusion.store import ConvertedReader
+
+SHARED = Path(__file__).parents[1].parent / "shared"
+REAL = SHARED / "data" / "real"
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+def write_imzml(path, spectra, coords, *, mode="processed", mz_dtype=np.float64,
+                int_dtype=np.float32, spec_type="profile", polarity="positive"):
+    """Write (mz, intensity) pairs at 1-based ``coords`` with pyimzml; return the .imzML path."""
+    with ImzMLWriter(str(path), mz_dtype=mz_dtype, intensity_dtype=int_dtype, mode=mode,
+                     spec_type=spec_type, polarity=polarity) as w:
+        for (mz, inten), c in zip(spectra, coords):
+            w.addSpectrum(np.asarray(mz), np.asarray(inten), tuple(c))
+    return Path(path).with_suffix(".imzML")
+
+
+def edit_xml(imzml, fn):
+    """Rewrite the imzML text with ``fn(text) -> text`` (the .ibd stays untouched)."""
+    text = imzml.read_text(encoding="latin-1")
+    new = fn(text)
+    assert new != text, "edit did not change the file"
+    imzml.write_text(new, encoding="latin-1")
+
+
+def add_pixel_size(text, x="25", y="25", unit=("UO:0000017", "micrometer")):
+    lines = "".join(
+        f'<cvParam cvRef="IMS" accession="IMS:{acc}" name="{name}" value="{v}" '
+        f'unitCvRef="UO" unitAccession="{unit[0]}" unitName="{unit[1]}"/>\n'
+        for acc, name, v in (("1000046", "pixel size (x)", x), ("1000047", "pixel size y", y))
+        if v is not None)
+    return text.replace("</scanSettings>", lines + "</scanSettings>", 1)
+
+
+def read_all(out):
+    r = ConvertedReader(out)
+    mzs, ints = [], []
+    for _s, _e, indptr, mz, inten in r.iter_blocks(3):
+        for k in range(len(indptr) - 1):
+            mzs.append(mz[indptr[k]:indptr[k + 1]])
+            ints.append(inten[indptr[k]:indptr[k + 1]])
+    return r, mzs, ints
+
+
+def assert_fails(imzml, out, match, **kw):
+    """convert_imzml raises InputError matching ``match`` and leaves no file in out's folder."""
+    before = set(out.parent.iterdir())
+    with pytest.raises(InputError, match=match):
+        convert_imzml(imzml, out, **kw)
+    assert not out.exists()
+    assert set(out.parent.iterdir()) == before  # no temporary .part file left either
+
+
+@pytest.fixture
+def small(tmp_path):
+    """Processed file: 4 spectra (lengths 3, 2, 4, 1) at 1-based positions, one grid cell missing."""
+    spectra = [([100.0, 150.5, 200.25], [1.0, 2.5, 0.0]),
+               ([101.0, 300.0], [7.0, 8.0]),
+               ([99.5, 100.0, 100.5, 400.0], [0.25, 1.0, 2.0, 3.0]),
+               ([500.0], [9.0])]
+    coords = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (3, 2, 1)]
+    (tmp_path / "in").mkdir()
+    path = write_imzml(tmp_path / "in" / "small", spectra, coords)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    return path, spectra, coords, out_dir / "small.h5"
+
+
+# --------------------------------------------------------------------------------------------------
+# round trips
+# --------------------------------------------------------------------------------------------------
+
+def test_round_trip_continuous(tmp_path):
+    mz = np.array([100.0, 200.5, 300.25, 400.125], np.float32)
+    rng = np.random.default_rng(0)
+    coords = [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)]          # (3, 2) not acquired
+    ints = [rng.integers(0, 1000, 4) / 4 for _ in coords]      # exact in float32
+    path = write_imzml(tmp_path / "cont", [(mz, i) for i in ints], coords, mode="continuous",
+                       mz_dtype=np.float32, int_dtype=np.float32)
+    summary = convert_imzml(path, tmp_path / "cont.h5", pixel_size_um=10.0)
+    r, mzs, got = read_all(tmp_path / "cont.h5")
+
+    assert summary["n_pixels"] == 5 and summary["nnz"] == 20
+    assert summary["image_shape"] == (2, 3) and r.image_shape == (2, 3)
+    assert summary["mode"] == "continuous" and summary["spectrum_type"] == "profile"
+    assert summary["pixel_size_um"] == 10.0 and r.pixel_size_um == 10.0
+    np.testing.assert_array_equal(r.xy, np.array(coords) - 1)
+    np.testing.assert_array_equal(r.z, 0)
+    for k in range(5):
+        np.testing.assert_array_equal(mzs[k], mz.astype(np.float64))
+        np.testing.assert_array_equal(got[k], ints[k].astype(np.float32))
+    assert r.attrs["mode"] == "continuous" and r.attrs["polarity"] == "positive"
+    assert r.attrs["mz_range"] == (100.0, 400.125)
+    assert r.attrs["uuid"] == read_imzml_header(path)["uuid"] and len(r.attrs["uuid"]) == 32
+    assert r.attrs["source"] == str(path)
+    tic = r.to_image(r.tic())
+    assert np.isnan(tic[1, 2]) and np.isfinite(tic[~np.isnan(tic)]).all()
+    assert tic[0, 1] == ints[1].sum()
+
+
+def test_round_trip_processed_blocks(small):
+    path, spectra, coords, out = small
+    # blocks of 2 spectra, and a value budget that forces a flush after single spectra too
+    summary = convert_imzml(path, out, block_pixels=2, max_block_values=3)
+    r, mzs, ints = read_all(out)
+    assert summary["mode"] == "processed" and r.attrs["mode"] == "processed"
+    assert summary["nnz"] == 10 and r.nnz == 10
+    np.testing.assert_array_equal(r.indptr, [0, 3, 5, 9, 10])
+    for (mz, inten), m, i in zip(spectra, mzs, ints):
+        np.testing.assert_array_equal(m, mz)
+        np.testing.assert_array_equal(i, np.float32(inten))
+    np.testing.assert_array_equal(r.xy, [[0, 0], [1, 0], [0, 1], [2, 1]])
+    assert r.image_shape == (2, 3)
+    assert r.attrs["mz_range"] == (99.5, 500.0)
+    assert math.isnan(r.pixel_size_um)          # no pixel size anywhere -> NaN
+
+
+@pytest.mark.parametrize("mz_dtype,int_dtype", [(np.float32, np.int32), (np.float64, np.float64),
+                                                (np.float64, np.int64), (np.float32, np.float32)])
+def test_dtypes_exact(tmp_path, mz_dtype, int_dtype):
+    rng = np.random.default_rng(1)
+    spectra = []
+    for n in (5, 3, 6):
+        mz = np.sort(rng.uniform(100, 1000, n)).astype(mz_dtype)
+        inten = rng.integers(0, 2 ** 24, n).astype(int_dtype)   # exactly representable in float32
+        spectra.append((mz, inten))
+    path = write_imzml(tmp_path / "d", spectra, [(1, 1), (2, 1), (1, 2)],
+                       mz_dtype=mz_dtype, int_dtype=int_dtype, spec_type="centroid")
+    summary = convert_imzml(path, tmp_path / "d.h5")
+    r, mzs, ints = read_all(tmp_path / "d.h5")
+    assert summary["spectrum_type"] == "centroid"
+    for (mz, inten), m, i in zip(spectra, mzs, ints):
+        assert m.dtype == np.float64 and i.dtype == np.float32
+        np.testing.assert_array_equal(m, mz.astype(np.float64))
+        np.testing.assert_array_equal(i.astype(np.float64), inten.astype(np.float64))
+
+
+def test_coordinates_zero_based_with_z(tmp_path):
+    spectra = [([100.0], [1.0])] * 3
+    path = write_imzml(tmp_path / "z", spectra, [(1, 1, 2), (4, 3, 2), (1, 1, 3)])
+    convert_imzml(path, tmp_path / "z.h5")
+    r = ConvertedReader(tmp_path / "z.h5")
+    np.testing.assert_array_equal(r.xy, [[0, 0], [3, 2], [0, 0]])
+    np.testing.assert_array_equal(r.z, [1, 1, 2])
+    assert r.image_shape == (3, 4) and r.n_pixels == 3
+
+
+def test_unsorted_mz_is_sorted_with_one_warning(tmp_path, caplog):
+    spectra = [([100.0, 200.0], [1.0, 2.0]), ([300.0, 100.0, 200.0], [3.0, 1.0, 2.0]),
+               ([50.0, 40.0], [5.0, 4.0])]
+    path = write_imzml(tmp_path / "u", spectra, [(1, 1), (2, 1), (3, 1)])
+    with caplog.at_level(logging.WARNING, logger="msifusion.convert"):
+        summary = convert_imzml(path, tmp_path / "u.h5")
+    r, mzs, ints = read_all(tmp_path / "u.h5")
+    np.testing.assert_array_equal(mzs[1], [100.0, 200.0, 300.0])
+    np.testing.assert_array_equal(ints[1], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(mzs[2], [40.0, 50.0])
+    np.testing.assert_array_equal(ints[2], [4.0, 5.0])
+    assert summary["n_sorted"] == 2
+    sorted_msgs = [m for m in caplog.messages if "not increasing" in m]
+    assert len(sorted_msgs) == 1 and "2 of 3 spectra" in sorted_msgs[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# pixel size and header
+# --------------------------------------------------------------------------------------------------
+
+def test_read_imzml_header_values(small):
+    path, _spectra, _coords, _out = small
+    edit_xml(path, add_pixel_size)
+    h = read_imzml_header(path)
+    assert h["image_shape"] == (2, 3)          # (ny, nx) from max count of pixels y / x
+    assert h["pixel_size_um"] == 25.0
+    assert h["n_spectra"] == 4
+    assert h["mode"] == "processed"
+    assert h["spectrum_type"] == "profile" and h["polarity"] == "positive"
+    with open(path.with_suffix(".ibd"), "rb") as fh:
+        assert h["uuid"] == fh.read(16).hex()
+    assert re.fullmatch(r"[0-9a-f]{40}", h["sha1"]) and h["md5"] is None
+
+
+def test_read_imzml_header_units_and_absent_values(small):
+    path, *_ = small
+    edit_xml(path, lambda t: add_pixel_size(t, x="20000", y=None, unit=("UO:0000018", "nanometer")))
+    edit_xml(path, lambda t: re.sub(r'<cvParam[^>]*IMS:1000043[^>]*/>', "", t))
+    h = read_imzml_header(path)
+    assert h["pixel_size_um"] == 20.0          # nanometres -> um, y absent -> x used
+    assert h["image_shape"] is None            # max count of pixels y absent
+
+
+def test_read_imzml_header_stops_at_spectrum_list(small, tmp_path):
+    """Everything after <spectrumList ...> is garbage: the header must still read, and fast."""
+    path, *_ = small
+    text = path.read_text(encoding="latin-1")
+    head = text[:text.index(">", text.index("<spectrumList")) + 1]
+    big = tmp_path / "big.imzML"
+    with open(big, "wb") as fh:
+        fh.write(head.encode("latin-1"))
+        fh.write(b"\x00<<<not xml at all>>>&&&" * ((8 << 20) // 24))
+    t0 = time.perf_counter()
+    h = read_imzml_header(big)
+    assert time.perf_counter() - t0 < 0.1
+    assert h["n_spectra"] == 4 and h["image_shape"] == (2, 3)
+
+
+@pytest.mark.parametrize("given,expect,warns", [(None, 25.0, False), (30.0, 25.0, True),
+                                                (25.2, 25.0, False)])
+def test_pixel_size_from_file_wins(small, caplog, given, expect, warns):
+    path, _s, _c, out = small
+    edit_xml(path, add_pixel_size)
+    with caplog.at_level(logging.WARNING, logger="msifusion.convert"):
+        summary = convert_imzml(path, out, pixel_size_um=given)
+    assert summary["pixel_size_um"] == expect and ConvertedReader(out).pixel_size_um == expect
+    assert any("differs from the configured" in m for m in caplog.messages) == warns
+
+
+def test_pixel_size_argument_used_when_file_has_none(small):
+    path, _s, _c, out = small
+    assert convert_imzml(path, out, pixel_size_um=12.5)["pixel_size_um"] == 12.5
+    assert ConvertedReader(out).pixel_size_um == 12.5
+
+
+# --------------------------------------------------------------------------------------------------
+# validation errors (no output left behind)
+# --------------------------------------------------------------------------------------------------
+
+def test_missing_ibd(small):
+    path, _s, _c, out = small
+    path.with_suffix(".ibd").unlink()
+    assert_fails(path, out, r"small\.imzML: binary data file small\.ibd not found")
+
+
+def test_uuid_mismatch(small):
+    path, _s, _c, out = small
+    with open(path.with_suffix(".ibd"), "r+b") as fh:
+        fh.write(b"\x01" * 16)
+    assert_fails(path, out, r"small\.imzML: UUID mismatch.*01010101")
+
+
+def test_truncated_ibd(small):
+    path, _s, _c, out = small
+    ibd = path.with_suffix(".ibd")
+    size = ibd.stat().st_size
+    with open(ibd, "r+b") as fh:
+        fh.truncate(size - 4)                  # last intensity value (spectrum 3) cut off
+    assert_fails(path, out, r"small\.ibd: spectrum 3: intensity array .* beyond the end")
+
+
+def _length_mismatch(text):
+    # the second "external array length" of spectrum 0 is its intensity array (length 3)
+    key = 'name="external array length" value="3"'
+    j = text.index(key, text.index(key) + 1)
+    return text[:j] + key.replace('"3"', '"2"') + text[j + len(key):]
+
+
+def _zero_spectra(count):
+    def edit(text):
+        text = re.sub(r"<spectrum .*?</spectrum>", "", text, flags=re.S)
+        return re.sub(r'<spectrumList count="\d+"', f'<spectrumList count="{count}"', text)
+    return edit
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_length_mismatch, r"spectrum 0: m/z array length 3 differs from intensity array length 2"),
+    (_zero_spectra(0), r"small\.imzML: the file contains zero spectra"),
+    (_zero_spectra(4), r"small\.imzML: the file contains zero spectra"),
+    (lambda t: re.sub(r'(accession="IMS:1000091" name="ibd SHA-1" value=")\w+',
+                      r"\g<1>" + "0" * 40, t), r"small\.ibd: SHA1 checksum mismatch"),
+    (lambda t: t.replace('accession="MS:1000576" name="no compression"',
+                         'accession="MS:1000574" name="zlib compression"'), r"zlib compression"),
+    (lambda t: t.replace('name="position x" value="3"', 'name="position x" value="0"'),
+     r"spectrum 3: position \(0, 2, 1\) is below 1"),
+])
+def test_xml_level_errors(small, edit, match):
+    path, _s, _c, out = small
+    edit_xml(path, edit)
+    assert_fails(path, out, match)
+
+
+def test_checksum_skipped_when_not_verified(small):
+    path, _s, _c, out = small
+    edit_xml(path, lambda t: re.sub(r'(name="ibd SHA-1" value=")\w+', r"\g<1>" + "0" * 40, t))
+    assert convert_imzml(path, out, verify_checksum=False)["n_pixels"] == 4
+
+
+@pytest.mark.parametrize("bad,match", [
+    (-1.0, r"bad\.imzML: spectrum 2: negative intensity -1\.0 at m/z 200\.0"),
+    (np.nan, r"bad\.imzML: spectrum 2: non-finite intensity nan at m/z 200\.0"),
+    (np.inf, r"bad\.imzML: spectrum 2: non-finite intensity inf"),
+])
+def test_bad_intensity(tmp_path, bad, match):
+    spectra = [([100.0, 200.0], [1.0, 2.0])] * 2 + [([100.0, 200.0], [1.0, bad])]
+    path = write_imzml(tmp_path / "bad", spectra, [(1, 1), (2, 1), (3, 1)])
+    assert_fails(path, tmp_path / "bad.h5", match)
+
+
+def test_duplicate_coordinates(tmp_path):
+    spectra = [([100.0], [1.0])] * 4
+    path = write_imzml(tmp_path / "dup", spectra, [(1, 1), (2, 1), (1, 2), (2, 1)])
+    assert_fails(path, tmp_path / "dup.h5",
+                 r"dup\.imzML: spectra 1 and 3 have the same position \(x=2, y=1, z=1\)")
+
+
+_XXE = '<!DOCTYPE mzML [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
+_LAUGHS = ('<!DOCTYPE mzML [<!ENTITY a "aaaaaaaaaa">'
+           + "".join(f'<!ENTITY {c} "{("&" + p + ";") * 10}">' for p, c in zip("abcdefgh", "bcdefghi"))
+           + ']>\n')
+
+
+@pytest.mark.parametrize("doctype,ref", [(_XXE, "&xxe;"), (_LAUGHS, "&i;")])
+def test_hostile_xml_refused(small, doctype, ref):
+    path, _s, _c, out = small
+    edit_xml(path, lambda t: t.replace("?>\n", "?>\n" + doctype, 1)
+             .replace("<fileContent>", f"<fileContent>{ref}", 1))
+    with pytest.raises(InputError, match=r"small\.imzML: the XML declares a DOCTYPE"):
+        read_imzml_header(path)
+    assert_fails(path, out, r"DOCTYPE")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00binary", r"x\.imzML: not a well-formed XML"),
+    (b'<?xml version="1.0"?><html><body/></html>', r"x\.imzML: not an imzML file \(root element"),
+    (b'<mzML xmlns="http://psi.hupo.org/ms/mzml"><run/></mzML>', r"no <spectrumList>"),
+])
+def test_not_imzml(tmp_path, content, match):
+    path = tmp_path / "x.imzML"
+    path.write_bytes(content)
+    path.with_suffix(".ibd").write_bytes(b"\x00" * 16)
+    assert_fails(path, tmp_path / "x.h5", match)
+
+
+def test_missing_imzml(tmp_path):
+    assert_fails(tmp_path / "nope.imzML", tmp_path / "nope.h5", r"nope\.imzML: imzML file not found")
+
+
+# --------------------------------------------------------------------------------------------------
+# real data
+# --------------------------------------------------------------------------------------------------
+
+# one placeholder when the folder is absent, so that the skip below reports its reason
+REAL_FILES = sorted(REAL.glob("*/*.imzML")) if REAL.is_dir() else [REAL / "absent.imzML"]
+
+
+@pytest.mark.real
+@pytest.mark.filterwarnings("ignore:Accession .* found with incorrect name:UserWarning")
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"real data folder {REAL} absent")
+@pytest.mark.parametrize("imzml", REAL_FILES, ids=[p.name for p in REAL_FILES])
+def test_real_files_match_pyimzml(imzml, tmp_path):
+    out = tmp_path / "real.h5"
+    summary = convert_imzml(imzml, out)
+    r = ConvertedReader(out)
+    with ImzMLParser(str(imzml)) as p:
+        assert r.n_pixels == len(p.coordinates) == summary["n_pixels"]
+        np.testing.assert_array_equal(r.xy, np.asarray(p.coordinates)[:, :2] - 1)
+        k = 0
+        for _s, _e, indptr, mz, inten in r.iter_blocks(4096):
+            for j in range(len(indptr) - 1):
+                ref_mz, ref_int = p.getspectrum(k)
+                np.testing.assert_array_equal(mz[indptr[j]:indptr[j + 1]], ref_mz.astype(np.float64))
+                np.testing.assert_array_equal(inten[indptr[j]:indptr[j + 1]],
+                                              ref_int.astype(np.float32))
+                k += 1
+        assert k == r.n_pixels
+    header = read_imzml_header(imzml)
+    assert r.attrs["mode"] == header["mode"]
+    if header["image_shape"] is not None:
+        assert all(a <= b for a, b in zip(r.image_shape, header["image_shape"]))

@@ -1,0 +1,223 @@
+"""The whole workflow on small phantoms: DAG, products contract, accuracy, clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from msifusion.evaluate import read_table
+from msifusion.phantom import generate_study
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+pytestmark = pytest.mark.slow
+
+
+def small_config(sheet: str, chain, *, tile_px=None, truth="study/truth") -> dict:
+    """A config for a ``preset="small"`` phantom (pixel sizes as the phantom writes them)."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    mods = {}
+    for i, name in enumerate(chain):
+        base = cfg["modalities"][("fticr", "maldi", "tofsims")[i]]
+        mods[name] = json.loads(json.dumps(base))
+        mods[name]["nmf"]["rank"] = 8
+    if len(chain) > 2:
+        mods[chain[2]]["pixel_size_um"] = 10
+        mods[chain[2]]["grid"] = {"enabled": True, "tile_px": tile_px, "method": "gain"}
+    cfg.update(sections=sheet, chain=list(chain), modalities=mods)
+    cfg["nmf"]["max_iter"] = 100
+    cfg["registration"]["n_starts"] = 24
+    cfg["evaluation"]["truth"] = truth
+    return cfg
+
+
+def setup_study(workdir: Path, chain=("fticr", "maldi", "tofsims"), tile_px=40, **cfg_kw):
+    summary = generate_study(workdir / "study", preset="small", seed=1, chain=chain, tile_px=tile_px)
+    cfg = small_config("study/sections.tsv", chain, **cfg_kw)
+    cfg["targets"]["mz"] = [float(m) for m in summary["targets"]]
+    (workdir / "config").mkdir(exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return summary, cfg
+
+
+def snakemake(workdir: Path, *args, check=True):
+    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2",
+           "--keep-going", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """Parse the 'Job stats' table of a dry run into {rule: count}."""
+    counts = {}
+    for line in dry_run_output.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if m and m.group(1) not in ("total", "count"):
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def three_modality_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("wf3")
+    summary, cfg = setup_study(workdir, tile_px=32)
+    dry = snakemake(workdir, "-n")
+    snakemake(workdir)
+    return workdir, summary, cfg, dry.stdout + dry.stderr
+
+
+def test_dry_run_has_per_section_jobs(three_modality_run):
+    _, summary, cfg, dry = three_modality_run
+    counts = job_counts(dry)
+    n_sec = len(summary["sections"])
+    assert n_sec == 2
+    assert counts["crop"] == 3 * n_sec
+    assert counts["register"] == 2 * n_sec
+    assert counts["fuse"] == n_sec and counts["products"] == n_sec
+    assert counts["nmf"] == 3 and counts["degrid"] == 1
+    # conversion once per imzML file: one shared reference file + one file per section elsewhere
+    assert counts["convert"] == 1 + 2 * n_sec
+
+
+def test_products_follow_the_contract(three_modality_run):
+    workdir, summary, cfg, _ = three_modality_run
+    for section in summary["sections"]:
+        res = workdir / "results" / section
+        for modality in cfg["chain"][1:]:
+            with h5py.File(res / f"fused_{modality}.h5") as f:
+                maps, spectra, mz = f["maps"], f["spectra"], f["mz"]
+                assert maps.dtype == np.float32 and spectra.dtype == np.float32
+                assert mz.dtype == np.float64 and maps.ndim == 3
+                assert maps.shape[0] == spectra.shape[0] and spectra.shape[1] == mz.shape[0]
+                assert f.attrs["reference"] == "fticr"
+                assert len(f.attrs["origin_xy"]) == 2 and f.attrs["pixel_size_um"] > 0
+            with h5py.File(summary_truth(workdir, section)) as t:
+                assert t[modality]["mask"].shape == maps.shape[1:]
+        for c, fine in zip(cfg["chain"][:-1], cfg["chain"][1:]):
+            doc = json.loads((res / f"transform_{c}_{fine}.json").read_text())
+            assert doc["passed"] and np.asarray(doc["matrix"]).shape == (2, 3)
+            assert (res / f"qc_{c}_{fine}.png").stat().st_size > 1000
+        for modality in cfg["chain"]:
+            for mz in cfg["targets"]["mz"]:
+                assert (res / f"ion_{modality}_mz{mz:.4f}.png").exists()
+                assert (res / f"ion_{modality}_mz{mz:.4f}.tif").exists()
+        assert (res / "roi_mean_spectra.png").exists()
+    assert any((workdir / "logs" / "nmf").iterdir())
+
+
+def summary_truth(workdir, section):
+    return workdir / "study" / "truth" / f"{section}.h5"
+
+
+def test_fused_beats_bicubic_on_ground_truth(three_modality_run):
+    workdir, summary, cfg, _ = three_modality_run
+    rows = read_table(workdir / "results" / "evaluation.tsv")
+    finest = cfg["chain"][-1]
+    only = float(summary["reference_only_target"])
+    sel = [r for r in rows if r["level"] == finest and abs(r["target_mz"] - only) > 0.01]
+    assert len(sel) >= 2 * len(summary["sections"])
+    fused = np.mean([r["r_fused"] for r in sel])
+    bicubic = np.mean([r["r_bicubic"] for r in sel])
+    assert fused > bicubic + 0.03, (fused, bicubic)
+
+
+def test_registration_recovers_true_transform(three_modality_run):
+    """Registered fine->coarse matrices map the fine grid where the phantom's truth says."""
+    workdir, summary, cfg, _ = three_modality_run
+    for section in summary["sections"]:
+        with h5py.File(summary_truth(workdir, section)) as t:
+            for c, fine in zip(cfg["chain"][:-1], cfg["chain"][1:]):
+                doc = json.loads((workdir / "results" / section /
+                                  f"transform_{c}_{fine}.json").read_text())
+                mask = t[fine]["mask"][()]
+                ys, xs = np.nonzero(mask)
+                pts = np.stack([xs, ys, np.ones_like(xs)]).astype(float)
+                true_fc = _fine_to_coarse(t, c, fine)
+                err = np.linalg.norm(np.asarray(doc["matrix"]) @ pts - true_fc @ pts, axis=0)
+                assert np.percentile(err, 95) < 0.5, (section, c, fine, err.max())
+
+
+def _fine_to_coarse(t, coarse, fine):
+    """True fine->coarse pixel matrix from the two truth matrices to the reference."""
+    def h(m):
+        return np.vstack([np.asarray(m), [0, 0, 1]])
+    return (np.linalg.inv(h(t[coarse]["matrix_to_reference"][()])) @
+            h(t[fine]["matrix_to_reference"][()]))[:2]
+
+
+def test_two_modality_chain_runs(tmp_path):
+    summary, cfg = setup_study(tmp_path, chain=("ftms", "imager"))
+    snakemake(tmp_path)
+    rows = read_table(tmp_path / "results" / "evaluation.tsv")
+    assert {r["level"] for r in rows} == {"imager"}
+    for section in summary["sections"]:
+        assert (tmp_path / "results" / section / "fused_imager.h5").exists()
+
+
+# ------------------------------------------------------------------------------- clear errors
+@pytest.fixture
+def error_study(tmp_path):
+    summary, cfg = setup_study(tmp_path, chain=("fticr", "maldi"))
+    return tmp_path, summary, cfg
+
+
+def _set(workdir, cfg):
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def test_invalid_config_stops_with_key(error_study):
+    workdir, _, cfg = error_study
+    cfg["modalities"]["maldi"]["nmf"]["rank"] = "many"
+    _set(workdir, cfg)
+    proc = snakemake(workdir, "-n", check=False)
+    assert proc.returncode != 0
+    assert "key 'modalities.maldi.nmf.rank'" in proc.stderr
+
+
+def test_missing_imzml_and_roi_outside_named(error_study):
+    workdir, _, cfg = error_study
+    sheet = workdir / "study" / "sections.tsv"
+    rows = sheet.read_text().splitlines()
+    good = "\n".join(rows) + "\n"
+    sheet.write_text(good.replace("imzml/", "imzml/nope_", 1))
+    proc = snakemake(workdir, "-n", check=False)
+    assert proc.returncode != 0 and "imzML file not found" in proc.stderr
+    assert "sections.tsv, row 2" in proc.stderr
+    # an ROI beyond the image
+    fields = rows[1].split("\t")
+    fields[3] = "0:9999,0:5"
+    sheet.write_text("\n".join([rows[0], "\t".join(fields)] + rows[2:]) + "\n")
+    proc = snakemake(workdir, "-n", check=False)
+    assert proc.returncode != 0 and "outside the image" in proc.stderr
+
+
+def test_empty_section_fails_alone(error_study):
+    """A section whose ROI holds no tissue stops with a clear message; the others still finish."""
+    workdir, summary, cfg = error_study
+    sheet = workdir / "study" / "sections.tsv"
+    lines = sheet.read_text().splitlines()
+    out = [lines[0]]
+    for line in lines[1:]:
+        f = line.split("\t")
+        if f[0] == summary["sections"][-1] and f[3] != "*":
+            f[3] = "0:2,0:2"   # a corner of the shared reference acquisition: background only
+        out.append("\t".join(f))
+    sheet.write_text("\n".join(out) + "\n")
+    proc = snakemake(workdir, check=False)
+    assert proc.returncode != 0
+    assert "empty section" in proc.stderr
+    first = summary["sections"][0]
+    assert (workdir / "results" / first / "fused_maldi.h5").exists()
+    assert not (workdir / "results" / summary["sections"][-1] / "fused_maldi.h5").exists()
