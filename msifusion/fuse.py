@@ -12,15 +12,17 @@ computed on the fine grid and then area-averaged over each coarse pixel's true f
 averaged features applies unchanged to the fine pixels. ``method="cca"`` is the published
 approach (scikit-learn CCA on the fine component maps); ``method="ridge"`` (the default) uses
 multi-scale features (:func:`multiscale_features`) and a penalty chosen by spatial-block
-cross-validation. ``consistency=True`` then corrects the prediction so that its footprint averages
-reproduce the measured coarse values (iterative back-projection).
+cross-validation (one-standard-error rule). ``consistency=True`` then corrects the prediction so
+that its footprint averages reproduce the measured coarse values (iterative back-projection of the
+coarse residual, bilinear by default), which keeps the coarse information the fine modality does
+not explain.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,7 +32,7 @@ from .errors import InputError
 
 log = logging.getLogger("msifusion.fuse")
 
-#: Default ridge penalties, per training pixel, in standardised feature units.
+#: Default ridge penalties, per training pixel, for features in units of their fine-grid std.
 DEFAULT_ALPHAS = tuple(np.logspace(-8, 2, 21))
 
 
@@ -120,8 +122,8 @@ def _footprint_operator(fine_shape, matrix, coarse_shape, supersample: int,
             cu = np.floor(m[0, 0] * x + m[0, 1] * y + m[0, 2] + 0.5).astype(np.int64)
             cv = np.floor(m[1, 0] * x + m[1, 1] * y + m[1, 2] + 0.5).astype(np.int64)
             ok = (cu >= 0) & (cu < nxc) & (cv >= 0) & (cv < nyc)
-            op = op + sp.csr_matrix((np.full(int(ok.sum()), area), (cv[ok] * nxc + cu[ok], cols[ok])),
-                                    shape=shape)
+            weights = np.full(int(ok.sum()), area)
+            op = op + sp.csr_matrix((weights, (cv[ok] * nxc + cu[ok], cols[ok])), shape=shape)
     op.sum_duplicates()
     return op
 
@@ -155,7 +157,8 @@ def footprint_average(fine_stack: np.ndarray, matrix: np.ndarray, coarse_shape,
     if squeeze:
         stack = stack[None]
     if stack.ndim != 3:
-        raise ValueError(f"fine_stack must be (k, ny, nx), got shape {stack.shape}")
+        raise InputError(f"footprint_average: fine_stack must be (k, ny, nx), got shape "
+                         f"{stack.shape}")
     m = _check_matrix(matrix, "footprint_average")
     coarse_shape = tuple(int(v) for v in coarse_shape)
     valid = np.isfinite(stack).all(0)
@@ -167,7 +170,10 @@ def footprint_average(fine_stack: np.ndarray, matrix: np.ndarray, coarse_shape,
 
 
 def _apply_average(op: sp.csr_matrix, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(op @ values) / coverage`` with NaN where coverage is 0; returns (mean (nc, k), coverage (nc,))."""
+    """``(op @ values) / coverage``, NaN where coverage is 0.
+
+    Returns ``mean (n_coarse, k)`` and the coverage clipped to 1, ``(n_coarse,)``.
+    """
     cov = np.asarray(op.sum(axis=1)).ravel()
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (op @ values) / cov[:, None]
@@ -306,7 +312,7 @@ def _ridge_path(x_tr, y_tr, x_te, alphas, sd) -> np.ndarray:
 
 
 def _ridge_fit(x, y, alpha_per_target, sd) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge as in :func:`_ridge_path`; returns raw-feature ``coef (p, k)`` and ``intercept (k,)``."""
+    """Ridge as in :func:`_ridge_path`; returns raw-feature ``coef (p, k)``, ``intercept (k,)``."""
     mu = x.mean(0)
     y_mu = y.mean(0)
     u, s, vt = np.linalg.svd((x - mu) / sd, full_matrices=False)
@@ -438,22 +444,121 @@ def _enforce_consistency(pred_flat, a, b, target_rows, *, max_iter=200, rtol=1e-
     """
     pred = pred_flat.copy()
     scale = float(np.abs(target_rows - target_rows.mean(0)).max(initial=0.0)) or 1.0
-    it = 0
     r = target_rows - a @ pred
+    best_norm, best = np.linalg.norm(r), (pred.copy(), 0, r)
+    it = 0
     while it < max_iter and np.abs(r).max(initial=0.0) > rtol * scale:
         pred += b @ r
         r = target_rows - a @ pred
         it += 1
+        norm = np.linalg.norm(r)
+        if norm < best_norm:
+            best_norm, best = norm, (pred.copy(), it, r)
+        elif norm > 2 * best_norm:           # diverging: keep the best iterate
+            log.warning("consistency iteration diverged at step %d; keeping step %d", it, best[1])
+            break
+    pred, it, r = best
+    if np.abs(r).max(initial=0.0) > rtol * scale:
+        log.warning("consistency not reached after %d iterations (max |residual| %.3g)",
+                    it, np.abs(r).max(initial=0.0))
     return pred, it, float(np.abs(r).max(initial=0.0))
+
+
+@dataclass
+class _Pairs:
+    """Training pairs of one fusion step (internal)."""
+
+    op: sp.csr_matrix          # (n_coarse, n_fine_valid) footprint operator
+    cov: np.ndarray            # (n_coarse,) unclipped coverage
+    fine_idx: np.ndarray       # (n_fine_valid,) flat indices of acquired fine pixels
+    rows: np.ndarray           # (n_train,) flat indices of the training coarse pixels
+    x: np.ndarray              # (n_train, p) footprint-averaged fine features
+    y: np.ndarray              # (n_train, k0) coarse target
+    feat_sd: np.ndarray        # (p,) standard deviation of each feature on the fine grid
+
+
+def _training_pairs(target, mask, fine, matrix, scales, *, min_coverage, supersample,
+                    level) -> _Pairs:
+    """Footprint-average the fine features into the coarse pixels and select the training rows."""
+    k0 = target.shape[0]
+    coarse_shape = target.shape[1:]
+    fine_valid = np.isfinite(fine).all(0)
+    fine_idx = np.flatnonzero(fine_valid)
+    op = _footprint_operator(fine.shape[1:], matrix, coarse_shape, supersample, fine_valid)
+    op = op[:, fine_idx].tocsr()
+    cov = np.asarray(op.sum(axis=1)).ravel()
+    # one fine feature image in memory at a time
+    n_feat = fine.shape[0] * len(scales)
+    x = np.empty((op.shape[0], n_feat))
+    feat_sd = np.zeros(n_feat)
+    for j, feat in enumerate(_iter_features(fine, scales)):
+        values = feat.ravel()[fine_idx]
+        x[:, j] = op @ values
+        if len(values):
+            feat_sd[j] = values.std()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x /= cov[:, None]
+    train = (mask & (np.minimum(cov, 1.0).reshape(coarse_shape) >= min_coverage)
+             & np.isfinite(target).all(0)).ravel() & np.isfinite(x).all(1)
+    rows = np.flatnonzero(train)
+    needed = max(2 * (n_feat + 1), 10)
+    if len(rows) < needed:
+        raise InputError(f"{level}: only {len(rows)} coarse pixels are inside the mask with >= "
+                         f"{min_coverage:.0%} coverage by acquired fine pixels; {needed} needed "
+                         f"for {n_feat} features (check the registration / the overlap of the "
+                         "fields of view)")
+    return _Pairs(op=op, cov=cov, fine_idx=fine_idx, rows=rows, x=x[rows],
+                  y=target.reshape(k0, -1).T[rows], feat_sd=feat_sd)
+
+
+def _ridge_cv(pairs: _Pairs, fold, n_folds, alphas, alpha_rule, fine, scales, level):
+    """Cross-validated ridge; returns (held-out predictions (n_train, k0), fine prediction
+    (n_fine_valid, k0), chosen alphas (k0,))."""
+    x, y = pairs.x, pairs.y
+    k0 = y.shape[1]
+    sd = _feature_scale(pairs.feat_sd)
+    paths = np.empty((len(alphas),) + y.shape)
+    for f in range(n_folds):
+        te = fold == f
+        paths[:, te] = _ridge_path(x[~te], y[~te], x[te], alphas, sd)
+    best = _select_alpha(paths, y, fold, n_folds, rule=alpha_rule)
+    oof = paths[best, :, np.arange(k0)].T
+    edge = (best == 0) | (best == len(alphas) - 1)
+    if np.any(edge):
+        log.warning("%s: ridge penalty at the edge of the grid for components %s",
+                    level, np.flatnonzero(edge).tolist())
+    coef, intercept = _ridge_fit(x, y, alphas[best], sd)
+    pred_t = np.repeat(intercept[:, None], len(pairs.fine_idx), axis=1)   # (k0, n_valid)
+    for j, feat in enumerate(_iter_features(fine, scales)):
+        values = feat.ravel()[pairs.fine_idx]
+        for t in range(k0):
+            pred_t[t] += coef[j, t] * values
+    return oof, pred_t.T, alphas[best]
+
+
+def _cca_cv(pairs: _Pairs, fold, n_folds, n_components, fine):
+    """Cross-validated CCA (the published method); returns (held-out predictions (n_train, k0),
+    fine prediction (n_fine_valid, k0))."""
+    oof = np.empty_like(pairs.y)
+    for f in range(n_folds):
+        te = fold == f
+        oof[te] = _fit_predict_cca(pairs.x[~te], pairs.y[~te], pairs.x[te], n_components)
+    x_fine = fine.reshape(fine.shape[0], -1)[:, pairs.fine_idx].T.astype(np.float64)
+    return oof, _fit_predict_cca(pairs.x, pairs.y, x_fine, n_components)
 
 
 def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_maps: np.ndarray,
               matrix: np.ndarray, *, method: str = "ridge", n_components: int | None = None,
               scales_px: Sequence[float] = (0, 1, 2, 4), alphas: Sequence[float] = DEFAULT_ALPHAS,
-              alpha_rule: str = "1se", consistency: bool = False, backprojection: str = "bilinear",
-              min_coverage: float = 0.9, supersample: int = 4,
+              alpha_rule: str = "1se", consistency: bool = False,
+              backprojection: str = "bilinear", min_coverage: float = 0.9, supersample: int = 4,
               n_folds: int = 5, seed: int = 0, level: str = "fine level") -> FusionResult:
     """Predict the coarse target's component maps on the fine grid.
+
+    Training pairs: the fine features are computed on the fine grid, then area-averaged over
+    each coarse pixel's footprint (:func:`footprint_average`); rows are the coarse pixels inside
+    ``coarse_mask`` with coverage >= ``min_coverage`` and a finite target. The fitted linear
+    model is applied to the fine-grid features (averaging is linear, so the two commute).
 
     Parameters
     ----------
@@ -467,8 +572,9 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
     matrix : ndarray, shape (2, 3)
         Fine ROI pixel coords ``(x, y, 1)`` -> coarse ROI pixel coords ``(x, y)``.
     method : {"ridge", "cca"}
-        ``"ridge"``: ridge regression on the multi-scale features of ``fine_maps`` (standardised;
-        penalty per target component chosen by spatial-block cross-validation).
+        ``"ridge"``: ridge regression on the multi-scale features of ``fine_maps``, each feature
+        divided by its standard deviation on the fine grid (so the penalty limits fine-scale
+        amplitude), one penalty per target component chosen by spatial-block cross-validation.
         ``"cca"``: the published method, scikit-learn ``CCA(n_components)`` fitted with
         X = footprint-averaged ``fine_maps`` (no multi-scale features), Y = target, then
         ``predict`` on the fine pixels.
@@ -477,18 +583,26 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
     scales_px : sequence of float
         Gaussian sigmas (fine pixels) of the ridge features, see :func:`multiscale_features`.
     alphas : sequence of float
-        Ridge penalties per training pixel in standardised units (the loss is
-        ``mean squared error + alpha * |coef|^2``).
+        Ridge penalties per training pixel (loss ``mean squared error + alpha * |coef|^2`` with
+        coefficients in units of the fine-grid feature standard deviation).
+    alpha_rule : {"1se", "min"}
+        Penalty selection, see :func:`_select_alpha`; ``"1se"`` (largest penalty within one
+        standard error of the best cross-validated MSE) guards against fine-scale overfitting that
+        coarse-pixel validation cannot detect.
     consistency : bool
-        Correct the prediction (iterative box back-projection of the coarse residual) so that its
-        footprint averages reproduce the target on the training pixels.
+        Correct the prediction by iterative back-projection of the coarse residual so that its
+        footprint averages reproduce the target on the training pixels (to ``1e-4`` of the
+        target's range, at most 200 iterations).
+    backprojection : {"bilinear", "box"}
+        How a coarse residual is spread onto fine pixels: bilinear interpolation at the fine pixel
+        centres (smooth, default) or the overlap-weighted footprint (blocky).
     min_coverage : float
         Coarse pixels need at least this fraction of their area covered by acquired fine pixels to
         be used for training (partially covered pixels mix in tissue the fine modality never saw).
     supersample : int
-        Sub-pixels per fine pixel side for :func:`footprint_average`.
+        Sub-pixels per fine pixel side for the footprints.
     n_folds : int
-        Cross-validation folds (spatial blocks of coarse pixels).
+        Cross-validation folds; folds are made of square blocks of coarse pixels.
     seed : int
         Seed of the assignment of blocks to folds.
     level : str
@@ -502,8 +616,8 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
     Raises
     ------
     InputError
-        Bad shapes or parameters, or fewer usable training pixels than ``max(2 * n_features, 10)``
-        (e.g. no overlap between the two fields of view).
+        Bad shapes or parameters, or fewer usable training pixels than
+        ``max(2 * (n_features + 1), 10)`` (e.g. no overlap between the two fields of view).
     """
     target = np.asarray(coarse_target, dtype=np.float64)
     fine = np.asarray(fine_maps)
@@ -512,133 +626,86 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
     if fine.ndim != 3:
         raise InputError(f"{level}: fine maps must be (k1, ny, nx), got shape {fine.shape}")
     coarse_shape = target.shape[1:]
-    if coarse_mask is None:
-        mask = np.ones(coarse_shape, dtype=bool)
-    else:
-        mask = np.asarray(coarse_mask, dtype=bool)
-        if mask.shape != coarse_shape:
-            raise InputError(f"{level}: coarse mask shape {mask.shape} != target shape {coarse_shape}")
-    if backprojection not in ("box", "bilinear"):
-        raise InputError(f"{level}: unknown back-projection {backprojection!r} (use 'box' or 'bilinear')")
+    mask = (np.ones(coarse_shape, dtype=bool) if coarse_mask is None
+            else np.asarray(coarse_mask, dtype=bool))
+    if mask.shape != coarse_shape:
+        raise InputError(f"{level}: coarse mask shape {mask.shape} != target shape {coarse_shape}")
     if method not in ("ridge", "cca"):
         raise InputError(f"{level}: unknown fusion method {method!r} (use 'ridge' or 'cca')")
+    if backprojection not in ("box", "bilinear"):
+        raise InputError(f"{level}: unknown back-projection {backprojection!r} "
+                         "(use 'bilinear' or 'box')")
+    if alpha_rule not in ("1se", "min"):
+        raise InputError(f"{level}: unknown alpha_rule {alpha_rule!r} (use '1se' or 'min')")
     m = _check_matrix(matrix, level)
     scales = _check_scales(scales_px) if method == "ridge" else (0.0,)
-    alphas = np.asarray(alphas, dtype=np.float64).ravel()
+    alphas = np.sort(np.asarray(alphas, dtype=np.float64).ravel())
     if method == "ridge" and (alphas.size == 0 or np.any(alphas <= 0)):
         raise InputError(f"{level}: alphas must be positive, got {alphas}")
     k0, k1 = target.shape[0], fine.shape[0]
-
-    fine_valid = np.isfinite(fine).all(0)
-    fine_idx = np.flatnonzero(fine_valid)
-    op = _footprint_operator(fine.shape[1:], m, coarse_shape, supersample, fine_valid)
-    op = op[:, fine_idx].tocsr()                                  # columns = valid fine pixels
-    cov_raw = np.asarray(op.sum(axis=1)).ravel()
-    coverage = np.minimum(cov_raw, 1.0).reshape(coarse_shape)
-
-    # coarse-averaged features (streamed: one fine feature image in memory at a time)
-    n_feat = k1 * len(scales)
-    x_coarse = np.empty((op.shape[0], n_feat))
-    feat_sd = np.empty(n_feat)
-    for j, feat in enumerate(_iter_features(fine, scales)):
-        values = feat.ravel()[fine_idx]
-        x_coarse[:, j] = op @ values
-        feat_sd[j] = values.std() if len(values) else 0.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        x_coarse /= cov_raw[:, None]
-
-    train = (mask & (coverage >= min_coverage) & np.isfinite(target).all(0)).ravel()
-    train &= np.isfinite(x_coarse).all(1)
-    rows = np.flatnonzero(train)
-    n_train = len(rows)
-    needed = max(2 * (n_feat + 1), 10)
-    if n_train < needed:
-        raise InputError(f"{level}: only {n_train} coarse pixels are inside the mask with >= "
-                         f"{min_coverage:.0%} coverage by acquired fine pixels; {needed} needed for "
-                         f"{n_feat} features (check the registration / overlap of the fields of view)")
-    x_tr = x_coarse[rows]
-    y_tr = target.reshape(k0, -1).T[rows]
-    yx = np.column_stack(np.divmod(rows, coarse_shape[1]))
-    fold, block = _spatial_folds(yx, n_folds, seed)
-    n_used = int(fold.max()) + 1
-    log.info("%s: %s on %d coarse pixels, %d features, %d folds of %d-px blocks",
-             level, method, n_train, n_feat, n_used, block)
-
-    info = {"method": method, "n_train": n_train, "n_features": n_feat, "scales_px": scales,
-            "coverage": coverage.astype(np.float32), "train_mask": train.reshape(coarse_shape),
-            "folds": n_used, "block_px": block}
-    oof = np.empty_like(y_tr)
-    if method == "ridge":
-        sd = _feature_scale(feat_sd)
-        paths = np.empty((len(alphas),) + y_tr.shape)
-        for f in range(n_used):
-            te = fold == f
-            paths[:, te] = _ridge_path(x_tr[~te], y_tr[~te], x_tr[te], alphas, sd)
-        best = _select_alpha(paths, y_tr, fold, n_used, rule=alpha_rule)
-        oof = paths[best, :, np.arange(k0)].T
-        coef, intercept = _ridge_fit(x_tr, y_tr, alphas[best], sd)
-        info["alpha"] = alphas[best]
-        edge = (best == 0) | (best == len(alphas) - 1)
-        if np.any(edge):
-            log.warning("%s: ridge penalty at the edge of the grid for components %s",
-                        level, np.flatnonzero(edge).tolist())
-        pred_t = np.repeat(intercept[:, None], len(fine_idx), axis=1)   # (k0, n_valid)
-        for j, feat in enumerate(_iter_features(fine, scales)):
-            values = feat.ravel()[fine_idx]
-            for t in range(k0):
-                pred_t[t] += coef[j, t] * values
-        pred_flat = pred_t.T
-    else:
+    if method == "cca":
         nc = int(n_components) if n_components is not None else min(k0, k1)
         if not 1 <= nc <= min(k0, k1):
             raise InputError(f"{level}: n_components={nc} must be in 1..min(k0, k1)={min(k0, k1)}")
+
+    pairs = _training_pairs(target, mask, fine, m, scales, min_coverage=min_coverage,
+                            supersample=supersample, level=level)
+    rows = pairs.rows
+    fold, block = _spatial_folds(np.column_stack(np.divmod(rows, coarse_shape[1])), n_folds, seed)
+    n_used = int(fold.max()) + 1
+    log.info("%s: %s on %d coarse pixels, %d features, %d folds of %d-px blocks",
+             level, method, len(rows), pairs.x.shape[1], n_used, block)
+    train_mask = np.zeros(coarse_shape, dtype=bool)
+    train_mask.flat[rows] = True
+    info = {"method": method, "n_train": len(rows), "n_features": pairs.x.shape[1],
+            "scales_px": scales, "coverage": np.minimum(pairs.cov, 1.0).reshape(coarse_shape),
+            "train_mask": train_mask, "folds": n_used, "block_px": block,
+            "consistency_iterations": 0, "consistency_max_abs": float("nan")}
+    if method == "ridge":
+        oof, pred_flat, info["alpha"] = _ridge_cv(pairs, fold, n_used, alphas, alpha_rule, fine,
+                                                  scales, level)
+    else:
         info["n_components"] = nc
-        for f in range(n_used):
-            te = fold == f
-            oof[te] = _fit_predict_cca(x_tr[~te], y_tr[~te], x_tr[te], nc)
-        pred_flat = _fit_predict_cca(x_tr, y_tr, fine.reshape(k1, -1).T[fine_idx].astype(np.float64), nc)
+        oof, pred_flat = _cca_cv(pairs, fold, n_used, nc, fine)
+    cv_r = _pearson(oof, pairs.y)
+    log.info("%s: cross-validated r per component %s", level, np.round(cv_r, 3).tolist())
 
-    cv_r = _pearson(oof, y_tr)
-    residual = np.full((op.shape[0], k0), np.nan)
-    residual[rows] = y_tr - oof
-
-    info["consistency_iterations"] = 0
-    info["consistency_max_abs"] = float("nan")
     if consistency:
-        a = (sp.diags(1.0 / cov_raw[rows]) @ op[rows]).tocsr()
-        if backprojection == "box":
-            b = _box_backprojection(op[rows])
-        else:
-            b = _bilinear_backprojection(fine_idx, fine.shape[1:], m, coarse_shape, rows)
-        pred_flat, n_it, max_abs = _enforce_consistency(pred_flat, a, b, y_tr)
+        a = (sp.diags(1.0 / pairs.cov[rows]) @ pairs.op[rows]).tocsr()
+        b = (_box_backprojection(pairs.op[rows]) if backprojection == "box" else
+             _bilinear_backprojection(pairs.fine_idx, fine.shape[1:], m, coarse_shape, rows))
+        pred_flat, n_it, max_abs = _enforce_consistency(pred_flat, a, b, pairs.y)
         info["consistency_iterations"] = n_it
         info["consistency_max_abs"] = max_abs
         log.info("%s: consistency after %d iterations, max |residual| %.3g", level, n_it, max_abs)
-    log.info("%s: cross-validated r per component %s", level, np.round(cv_r, 3).tolist())
 
     pred = np.full((k0, fine.shape[1] * fine.shape[2]), np.nan, dtype=np.float32)
-    pred[:, fine_idx] = pred_flat.T
+    pred[:, pairs.fine_idx] = pred_flat.T
+    residual = np.full((k0, coarse_shape[0] * coarse_shape[1]), np.nan, dtype=np.float32)
+    residual[:, rows] = (pairs.y - oof).T
     return FusionResult(pred=pred.reshape((k0,) + fine.shape[1:]), cv_r=cv_r,
-                        residual=residual.T.reshape((k0,) + coarse_shape).astype(np.float32),
-                        info=info)
+                        residual=residual.reshape((k0,) + coarse_shape), info=info)
 
 
-def fuse_chain(levels: Sequence[np.ndarray], matrices: Sequence[np.ndarray], *,
+def fuse_chain(levels: Sequence, matrices: Sequence[np.ndarray], *,
                masks: Sequence[np.ndarray | None] | None = None,
                names: Sequence[str] | None = None, **kw) -> list[FusionResult]:
     """Chained fusion: each level's prediction is the target of the next finer level.
 
     Parameters
     ----------
-    levels : sequence of ndarray
+    levels : sequence of ndarray or of dict
         ``levels[0]`` = reference component maps ``(k0, ny0, nx0)``; ``levels[i]`` = component maps
-        of the ``i``-th finer modality ``(ki, nyi, nxi)``, NaN where not acquired.
+        of the ``i``-th finer modality ``(ki, nyi, nxi)``, NaN where not acquired. A level may
+        instead be a dict with ``"maps"`` and optionally ``"mask"`` (bool (ny, nx) training mask
+        on that grid) and ``"name"``.
     matrices : sequence of ndarray, shape (2, 3) each, ``len(levels) - 1`` of them
         ``matrices[i - 1]`` maps level-``i`` pixel coords to level-``i-1`` pixel coords.
     masks : sequence of (bool array or None), optional
-        Training mask on each level's grid (only ``masks[:-1]`` are used); None = finite pixels.
+        Training mask on each level's grid (only ``masks[:-1]`` are used; overrides the dicts'
+        ``"mask"``); None = all pixels with a finite target.
     names : sequence of str, optional
-        Level names for messages (default ``"level i"``).
+        Level names for messages (default: the dicts' ``"name"`` or ``"level i"``).
     **kw
         Passed to :func:`fuse_pair`.
 
@@ -653,12 +720,21 @@ def fuse_chain(levels: Sequence[np.ndarray], matrices: Sequence[np.ndarray], *,
     if len(matrices) != len(levels) - 1:
         raise InputError(f"fuse_chain: {len(levels)} levels need {len(levels) - 1} matrices, "
                          f"got {len(matrices)}")
-    names = list(names) if names is not None else [f"level {i}" for i in range(len(levels))]
-    masks = list(masks) if masks is not None else [None] * len(levels)
-    target = np.asarray(levels[0])
+    dicts = [lv if isinstance(lv, Mapping) else {"maps": lv} for lv in levels]
+    if any("maps" not in d for d in dicts):
+        raise InputError("fuse_chain: a level given as a dict needs a 'maps' entry")
+    names = (list(names) if names is not None
+             else [str(d.get("name", f"level {i}")) for i, d in enumerate(dicts)])
+    masks = list(masks) if masks is not None else [d.get("mask") for d in dicts]
+    if len(names) != len(levels) or len(masks) != len(levels):
+        raise InputError(f"fuse_chain: {len(levels)} levels but {len(names)} names and "
+                         f"{len(masks)} masks")
+    target = np.asarray(dicts[0]["maps"])
     results = []
     for i in range(1, len(levels)):
-        res = fuse_pair(target, masks[i - 1], levels[i], matrices[i - 1], level=names[i], **kw)
+        log.info("chain step %d/%d: %s -> %s", i, len(levels) - 1, names[i - 1], names[i])
+        res = fuse_pair(target, masks[i - 1], dicts[i]["maps"], matrices[i - 1], level=names[i],
+                        **kw)
         results.append(res)
         target = res.pred
     return results

@@ -4,8 +4,8 @@
 
 - ``"hals"`` (default): hierarchical alternating least squares on ``scipy.sparse`` (or on a CUDA
   GPU through torch when one is available); the only products with X are ``X @ H.T`` and
-  ``X.T @ W``, and the error is computed without forming ``W @ H``:
-  ``||X - WH||^2 = ||X||^2 - 2 tr(W^T X H^T) + tr(W^T W H H^T)``.
+  ``W.T @ X`` (in X's dtype, float32 for binned matrices), and the error is computed without
+  forming ``W @ H``: ``||X - WH||^2 = ||X||^2 - 2 tr(W^T X H^T) + tr(W^T W H H^T)``.
 - ``"mu"``: Lee & Seung multiplicative updates, same sparse products.
 - ``"tensorly"``: the published method, ``tensorly.decomposition.non_negative_parafac`` on the
   2-way tensor (sparse through ``tensorly.contrib.sparse`` when the pydata ``sparse`` package is
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def _svd(X, rank: int, seed: int):
     return randomized_svd(X, rank, n_oversamples=max(10, rank), n_iter=4, random_state=seed)
 
 
-def initialize(X, rank: int, *, init: str = "nndsvda", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def initialize(X, rank: int, *, init: str = "nndsvda",
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Initial ``W (n, k)``, ``H (k, m)`` (float64) for NMF of ``X``.
 
     Parameters
@@ -131,44 +133,48 @@ def initialize(X, rank: int, *, init: str = "nndsvda", seed: int = 0) -> tuple[n
 # Updates (numpy / scipy.sparse)
 # ---------------------------------------------------------------------------------------------
 
-def _hals_columns(W: np.ndarray, A: np.ndarray, B: np.ndarray) -> None:
-    """In place HALS sweep: minimise ``||X - W G^T||`` over the columns of W given
-    ``A = X G (n, k)`` and ``B = G^T G (k, k)``."""
-    for j in range(W.shape[1]):
+def _hals_rows(F: np.ndarray, A: np.ndarray, B: np.ndarray) -> None:
+    """In place HALS sweep over the rows of a factor ``F (k, p)`` (row layout, contiguous).
+
+    Minimises ``||Y - F^T G||`` row by row given ``A = G Y^T (k, p)`` and ``B = G G^T (k, k)``.
+    """
+    for j in range(F.shape[0]):
         if B[j, j] <= 0:
             continue
-        W[:, j] += (A[:, j] - W @ B[:, j]) / B[j, j]
-        np.maximum(W[:, j], 0, out=W[:, j])
-        # keep a column from dying completely (it would never come back)
-        if not W[:, j].any():
-            W[:, j] = _EPS
+        F[j] += (A[j] - B[j] @ F) / B[j, j]
+        np.maximum(F[j], 0, out=F[j])
+        # keep a component from dying completely (it would never come back)
+        if not F[j].any():
+            F[j] = _EPS
 
 
-def _mu_columns(W: np.ndarray, A: np.ndarray, B: np.ndarray) -> None:
-    """In place multiplicative update ``W *= A / (W B)`` (Lee & Seung, Frobenius)."""
-    W *= A / np.maximum(W @ B, _EPS)
-
-
-def _sq_error(norm2: float, C: np.ndarray, H: np.ndarray, D: np.ndarray) -> float:
-    """``||X - WH||^2`` from ``C = X^T W (m, k)``, ``D = W^T W (k, k)`` and H (k, m)."""
-    return max(norm2 - 2.0 * float(np.sum(C * H.T)) + float(np.sum(D * (H @ H.T))), 0.0)
+def _mu_rows(F: np.ndarray, A: np.ndarray, B: np.ndarray) -> None:
+    """In place multiplicative update ``F *= A / (B F)`` (Lee & Seung, Frobenius), row layout."""
+    F *= A / np.maximum(B @ F, _EPS)
 
 
 def _iterate_numpy(X, W, H, update, max_iter, tol, log_every, label):
-    """Alternate W and H updates; returns W, H, errors."""
-    Xt = X.T.tocsr() if sp.issparse(X) else np.ascontiguousarray(X.T)
+    """Alternate W and H updates; returns W (n, k), H (k, m), errors.
+
+    Factors are kept in row layout (``W^T (k, n)``, ``H (k, m)``) in float64; the two sparse
+    products per iteration, ``X @ H^T`` and ``W^T @ X``, run in the dtype of X (float32 for
+    float32 input: about twice as fast, with an error estimate good to about 1e-3 relative).
+    """
+    dt = np.float32 if X.dtype == np.float32 else np.float64
     norm2 = _sq_norm(X)
+    Wt = np.ascontiguousarray(W.T, dtype=np.float64)
+    H = np.ascontiguousarray(H, dtype=np.float64)
     errors = []
     t0 = time.perf_counter()
     prev = None
     for it in range(1, max_iter + 1):
-        update(W, X @ H.T, H @ H.T)                       # W (n, k)
-        C = Xt @ W                                         # X^T W, (m, k)
-        D = W.T @ W
-        Ht = np.ascontiguousarray(H.T)
-        update(Ht, C, D)                                   # H^T (m, k)
-        H = Ht.T
-        err = np.sqrt(_sq_error(norm2, C, H, D) / norm2)
+        At = np.asarray(X @ np.ascontiguousarray(H.T, dtype=dt), np.float64).T.copy()  # (k, n)
+        update(Wt, At, H @ H.T)
+        Ct = np.asarray(Wt.astype(dt) @ X, dtype=np.float64)                 # W^T X (k, m)
+        D = Wt @ Wt.T
+        update(H, Ct, D)
+        sq = norm2 - 2.0 * float(np.sum(Ct * H)) + float(np.sum(D * (H @ H.T)))
+        err = float(np.sqrt(max(sq, 0.0) / norm2))
         errors.append(err)
         if log_every and (it % log_every == 0 or it == 1):
             log.info("%s iteration %d: relative error %.6f, %.3f s/iter", label, it, err,
@@ -176,7 +182,7 @@ def _iterate_numpy(X, W, H, update, max_iter, tol, log_every, label):
         if prev is not None and (prev - err) < tol * max(prev, _EPS):
             break
         prev = err
-    return W, H, errors
+    return Wt.T, H, errors
 
 
 def _sq_norm(X) -> float:
@@ -192,16 +198,19 @@ def _sq_norm(X) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def _hals_torch(X, W0, H0, max_iter, tol, log_every, device):
-    """HALS with torch sparse CSR products on ``device`` (float32); same algorithm as the CPU path."""
+    """HALS with torch sparse CSR products on ``device`` (float32), as the CPU path."""
     import torch
 
     Xc = sp.csr_matrix(X, dtype=np.float32)
     Xtc = Xc.T.tocsr()
 
     def to_t(m):
-        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
-                                       torch.from_numpy(m.indices.astype(np.int64)),
-                                       torch.from_numpy(m.data), size=m.shape, device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)       # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                           torch.from_numpy(m.indices.astype(np.int64)),
+                                           torch.from_numpy(m.data), size=m.shape,
+                                           device=device, check_invariants=False)
 
     Xg, Xtg = to_t(Xc), to_t(Xtc)
     W = torch.from_numpy(W0.astype(np.float32)).to(device)
@@ -290,10 +299,8 @@ def _check_matrix(X, rank):
     data = X.data if sp.issparse(X) else X
     if data.size and (not np.all(np.isfinite(data)) or data.min() < 0):
         raise InputError("NMF input has negative or non-finite values")
-    if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float64)
-    else:
-        X = np.asarray(X, dtype=np.float64)
+    dtype = np.float32 if X.dtype == np.float32 else np.float64
+    X = sp.csr_matrix(X, dtype=dtype) if sp.issparse(X) else np.asarray(X, dtype=dtype)
     if _sq_norm(X) == 0:
         raise InputError("NMF input is all zero")
     return X, rank
@@ -374,7 +381,7 @@ def factorize(X, rank: int, *, backend: str = "hals", max_iter: int = 200, tol: 
             label = "hals-torch"
             W, H, errors = _hals_torch(X, W, H, max_iter, tol, log_every, device)
         else:
-            update = _hals_columns if backend == "hals" else _mu_columns
+            update = _hals_rows if backend == "hals" else _mu_rows
             W, H, errors = _iterate_numpy(X, W, H, update, max_iter, tol, log_every, backend)
     W, H = scale_components(W, H)
     seconds = time.perf_counter() - t0

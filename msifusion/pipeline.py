@@ -49,8 +49,7 @@ def axis_step(converted: list[str], out: str, *, ppm: float, min_pixels: int = 1
         axis = spectra.build_axis(readers, ppm, min_pixels=min_pixels, block_pixels=block_pixels)
         log.info("m/z axis: %d columns from %d file(s) (%g ppm bins)", len(axis.centres),
                  len(readers), ppm)
-    with atomic_output(out) as tmp:
-        axis.save(tmp)
+    axis.save(out)
 
 
 def nmf_step(converted: dict[str, str], axis: str, out: str, *, modality: str, rank: int,
@@ -76,7 +75,7 @@ def components_figure(nmf_file: str, png: str, *, pixel_size_um: float | None = 
 
     d = read_nmf(nmf_file)
     fid, maps = next(iter(d["maps"].items()))
-    px = pixel_size_um or d.get("pixel_size_um", {}).get(fid) or float("nan")
+    px = pixel_size_um or d["map_attrs"][fid].get("pixel_size_um") or float("nan")
     plot_components(maps, d["spectra"], d["mz"], png, pixel_size_um=px)
 
 
@@ -93,7 +92,7 @@ def degrid_step(nmf_in: str, out: str, *, tile_px: int | None, method: str = "ga
 # ----------------------------------------------------------------------------------------- stage 4
 def crop_step(nmf_file: str, file_id: str, out: str, *, section: str, modality: str,
               roi: list[int] | None, imzml: str = "", pixel_size_um: float | None = None,
-              dilation_px: int = 1, min_size_px: int = 4) -> None:
+              dilation_px: int = 0, min_size_px: int = 4, seed: int = 0) -> None:
     """Cut one section out of a modality's component maps and compute its tissue mask.
 
     Parameters
@@ -102,7 +101,7 @@ def crop_step(nmf_file: str, file_id: str, out: str, *, section: str, modality: 
         ``[x0, x1, y0, y1]`` (0-based, half-open, acquisition pixels) or None for the whole image.
     """
     from .nmf import read_nmf
-    from .tissue import tissue_mask
+    from .tissue import tissue_mask_from_maps
 
     where = f"section {section!r}, modality {modality!r} ({imzml or file_id})"
     d = read_nmf(nmf_file)
@@ -121,12 +120,12 @@ def crop_step(nmf_file: str, file_id: str, out: str, *, section: str, modality: 
                          "(empty section)")
     # Tissue is told from background on the whole acquisition (which holds both), then cut out,
     # so that an ROI holding only background comes out empty instead of thresholding noise.
-    whole = np.where(np.isfinite(maps).all(axis=0), np.nansum(maps, axis=0), np.nan)
-    mask = tissue_mask(whole, dilation_px=dilation_px, min_size_px=min_size_px)
+    mask = tissue_mask_from_maps(maps, dilation_px=dilation_px, min_size_px=min_size_px,
+                                 seed=seed)
     mask = mask[y0:y1, x0:x1] & acquired
     if not mask.any():
         raise InputError(f"{where}: no tissue found in roi {x0}:{x1},{y0}:{y1} (empty section)")
-    px = pixel_size_um if pixel_size_um else d.get("pixel_size_um", {}).get(file_id)
+    px = pixel_size_um if pixel_size_um else d["map_attrs"][file_id].get("pixel_size_um")
     if px is None or not np.isfinite(px):
         raise InputError(f"{where}: pixel size unknown: the imzML has none; set "
                          f"'modalities.{modality}.pixel_size_um' in the config")
@@ -297,14 +296,13 @@ def run_job(smk, step, **kwargs) -> None:
 
     setup_logging(smk.log[0] if len(smk.log) else None)
     threads = max(1, int(getattr(smk, "threads", 1)))
-    try:
-        import torch
+    import torch
+    from threadpoolctl import threadpool_limits
 
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch.set_num_threads(threads)
     try:
-        step(**kwargs)
+        with threadpool_limits(threads):
+            step(**kwargs)
     except MsifusionError as err:
         log.error("msifusion error: %s", err)
         sys.exit(1)

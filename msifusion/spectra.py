@@ -112,7 +112,7 @@ class MzAxis:
         return col
 
     def save(self, target: h5py.Group | str | os.PathLike) -> None:
-        """Write the axis into an open HDF5 group, or into a new HDF5 file at a path (atomically)."""
+        """Write the axis into an open HDF5 group, or atomically into a new HDF5 file at a path."""
         if isinstance(target, h5py.Group):
             _write_axis(target, self)
             return
@@ -213,7 +213,10 @@ def block_size(reader: ConvertedReader, block_pixels: int | None = None) -> int:
 
 
 def _mz_range(readers: list[ConvertedReader], block_pixels: int) -> tuple[float, float]:
-    """Smallest and largest positive-intensity m/z over all files (attrs ``mz_range`` when present)."""
+    """Smallest and largest m/z with a positive intensity over all files.
+
+    Uses the ``mz_range`` attribute of a file when it has one instead of reading its spectra.
+    """
     lo, hi = np.inf, -np.inf
     for r in readers:
         rng = r.attrs.get("mz_range")
@@ -315,7 +318,8 @@ def _try_channel_axis(readers, ppm, min_pixels, block_pixels) -> MzAxis | None:
         if channels is None:
             channels, counts = values, c
             continue
-        if len(values) != len(channels) or np.any(np.abs(values - channels) > channels * ppm * 1e-6):
+        if (len(values) != len(channels)
+                or np.any(np.abs(values - channels) > channels * ppm * 1e-6)):
             return None
         counts = counts + c
     if channels is None or not len(channels):
@@ -481,6 +485,9 @@ def assemble_matrix(reader, axis: MzAxis, *, normalize: str = "none", transform:
     parts = []
     kept = total = 0.0
     for start, stop, indptr, mz, inten in reader.iter_blocks(block_size(reader, block_pixels)):
+        if inten.size and inten.min() < 0:
+            i = int(np.searchsorted(indptr, np.flatnonzero(inten < 0)[0], side="right")) - 1
+            raise InputError(f"{reader.path}: spectrum {start + i} has negative intensities")
         m = _block_matrix(indptr, mz, inten, axis)
         kept += float(m.data.sum())
         total += float(inten.sum(dtype=np.float64))

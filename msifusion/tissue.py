@@ -19,7 +19,7 @@ from skimage.filters import threshold_otsu
 
 log = logging.getLogger("msifusion.tissue")
 
-__all__ = ["tissue_mask", "label_sections", "propose_rois", "soft_mask"]
+__all__ = ["tissue_mask", "tissue_mask_from_maps", "label_sections", "propose_rois", "soft_mask"]
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -198,3 +198,71 @@ def soft_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     if sigma_px and sigma_px > 0:
         m = ndi.gaussian_filter(m, float(sigma_px), mode="constant", cval=0.0)
     return np.clip(m, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def tissue_mask_from_maps(
+    maps: np.ndarray,
+    *,
+    dilation_px: int = 0,
+    min_size_px: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Tissue mask from component maps: two-cluster k-means on signal level and composition.
+
+    The total-ion image alone does not always tell tissue from background (a MALDI matrix gives as
+    much signal off tissue as on it), but the *composition* of the spectra does: background pixels
+    are made of other components than tissue pixels. Each acquired pixel is described by its
+    standardised log total signal and its component fractions; k-means splits them in two and the
+    cluster that covers less of the image border is tissue. Holes are filled, small objects removed.
+
+    Parameters
+    ----------
+    maps : ndarray, shape (k, ny, nx)
+        Non-negative component maps (NMF ``W`` as images), ``NaN`` where not acquired.
+    dilation_px : int
+        Radius (pixels) of a dilation of the mask (0: none).
+    min_size_px : int, optional
+        Components smaller than this are removed (default: 0.5 % of the acquired pixels, >= 4).
+    seed : int
+        Seed of the k-means initialisation.
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+        All False when the image holds fewer than 8 acquired pixels or no signal.
+    """
+    from sklearn.cluster import KMeans
+
+    maps = np.asarray(maps, dtype=np.float64)
+    acquired = np.isfinite(maps).all(axis=0)
+    empty = np.zeros(acquired.shape, dtype=bool)
+    if acquired.sum() < 8:
+        return empty
+    w = np.clip(maps[:, acquired].T, 0.0, None)  # (n, k)
+    total = w.sum(axis=1)
+    if not (total > 0).any():
+        return empty
+    top = float(np.percentile(total, 99))
+    level = np.log(total + 1e-3 * top)
+    comp = w / np.maximum(total, 1e-12)[:, None]
+    feats = np.column_stack([(level - level.mean()) / (level.std() + 1e-12),
+                             comp / (comp.std(axis=0).mean() + 1e-12) * 0.5])
+    labels = KMeans(2, n_init=4, random_state=seed).fit_predict(feats)
+    img = np.full(acquired.shape, -1)
+    img[acquired] = labels
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    border = border[border >= 0]
+    frac = [np.mean(border == c) if len(border) else 0.5 for c in (0, 1)]
+    share = [np.mean(labels == c) for c in (0, 1)]
+    if abs(frac[0] - frac[1]) < 1e-9:
+        tissue = int(np.argmax([level[labels == c].mean() for c in (0, 1)]))
+    else:
+        # less border per pixel of the cluster = tissue
+        tissue = int(np.argmin([frac[c] / max(share[c], 1e-12) for c in (0, 1)]))
+    mask = img == tissue
+    if dilation_px and dilation_px > 0:
+        mask = ndi.binary_dilation(mask, structure=_disk(dilation_px))
+    mask = ndi.binary_fill_holes(mask) & acquired
+    if min_size_px is None:
+        min_size_px = max(4, int(round(0.005 * acquired.sum())))
+    return remove_small_components(mask, min_size_px)

@@ -17,6 +17,7 @@ except InputError as err:
     sys.stderr.write(f"msifusion: invalid study: {err}\n")
     raise SystemExit(1)
 
+config.update(STUDY.config)  # defaults filled in, as snakemake.utils.validate(set_default=True)
 CHAIN = STUDY.chain
 REF = STUDY.reference
 MODS = config["modalities"]

@@ -22,7 +22,6 @@ rule fuse:
     resources:
         mem_mb=lambda wc, input, attempt: int(2000 + 20 * size_mb(input.maps)) * attempt,
         runtime=lambda wc, input, attempt: 30 * attempt,
-    retries: 1
     conda:
         "../envs/fuse.yaml"
     script:

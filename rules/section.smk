@@ -18,6 +18,7 @@ rule crop:
         pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
         dilation_px=config["tissue"]["dilation_px"],
         min_size_px=config["tissue"]["min_size_px"],
+        seed=config["seed"],
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(1000 + 2 * size_mb(input.nmf)) * attempt,

@@ -40,10 +40,11 @@ def small_config(sheet: str, chain, *, tile_px=None, truth="study/truth") -> dic
     return cfg
 
 
-def setup_study(workdir: Path, chain=("fticr", "maldi", "tofsims"), tile_px=40, **cfg_kw):
+def setup_study(workdir: Path, chain=("fticr", "maldi", "tofsims"), tile_px=40, grid_tile_px=40,
+                **cfg_kw):
     summary = generate_study(workdir / "study", preset="small", seed=1, chain=chain, tile_px=tile_px)
-    cfg = small_config("study/sections.tsv", chain, **cfg_kw)
-    cfg["targets"]["mz"] = [float(m) for m in summary["targets"]]
+    cfg = small_config("study/sections.tsv", chain, tile_px=grid_tile_px, **cfg_kw)
+    cfg["targets"]["mz"] = [float(m) for m in summary["targets_mz"]]
     (workdir / "config").mkdir(exist_ok=True)
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return summary, cfg
@@ -72,7 +73,7 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def three_modality_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("wf3")
-    summary, cfg = setup_study(workdir, tile_px=32)
+    summary, cfg = setup_study(workdir, tile_px=32, grid_tile_px=32)
     dry = snakemake(workdir, "-n")
     snakemake(workdir)
     return workdir, summary, cfg, dry.stdout + dry.stderr
@@ -125,7 +126,7 @@ def test_fused_beats_bicubic_on_ground_truth(three_modality_run):
     workdir, summary, cfg, _ = three_modality_run
     rows = read_table(workdir / "results" / "evaluation.tsv")
     finest = cfg["chain"][-1]
-    only = float(summary["reference_only_target"])
+    only = float(summary["reference_only_mz"])
     sel = [r for r in rows if r["level"] == finest and abs(r["target_mz"] - only) > 0.01]
     assert len(sel) >= 2 * len(summary["sections"])
     fused = np.mean([r["r_fused"] for r in sel])

@@ -1,0 +1,568 @@
+"""ToF-SIMS scan-tile grid: detect the tile period and remove the tile pattern from image stacks.
+
+A ToF-SIMS image is acquired as a mosaic of tiles of ``tile = (ty, tx)`` pixels, anchored at pixel
+(0, 0); tiles at the right and bottom edges may be partial. Every tile carries the same
+position-dependent gain (beam/analyser vignetting), which shows as a grid in every ion image.
+
+- ``method="gain"`` (ours): flat-field correction, ``image / G`` where ``G (ty, tx)`` is the
+  relative gain of each in-tile position, estimated robustly (:func:`estimate_gain`: median over
+  tiles of each tile divided by its own mean, refined by alternating a smooth clean-image
+  estimate with a least-squares gain), tiled over the image. Zeros stay zeros and a
+  multiplicative gain is removed up to a constant factor.
+- ``method="subtract"`` (published): ``image - (T - mean(T))`` tiled, with ``T`` the mean tile,
+  clipped at 0.
+
+``NaN`` pixels (not acquired) are ignored when estimating and stay ``NaN``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .errors import InputError
+from .nmf import read_nmf, write_nmf
+
+log = logging.getLogger("msifusion.degrid")
+
+METHODS = ("gain", "subtract")
+#: Smallest gain value applied (relative to the mean gain 1), protects against divisions by ~0.
+MIN_GAIN = 0.05
+
+
+def _tile_pair(tile) -> tuple[int, int]:
+    """``tile`` as ``(ty, tx)`` (an int means a square tile)."""
+    t = np.atleast_1d(np.asarray(tile)).astype(int).ravel()
+    if t.size == 1:
+        t = np.repeat(t, 2)
+    if t.size != 2 or np.any(t < 1):
+        raise InputError(f"tile must be a positive int or (ty, tx), got {tile!r}")
+    return int(t[0]), int(t[1])
+
+
+def _as_stack(stack: np.ndarray) -> tuple[np.ndarray, bool]:
+    a = np.asarray(stack, dtype=np.float64)
+    if a.ndim == 2:
+        return a[None], True
+    if a.ndim != 3:
+        raise InputError(f"expected an image (ny, nx) or stack (k, ny, nx), got shape {a.shape}")
+    return a, False
+
+
+def _tiles(stack: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
+    """View ``(k, nty, ntx, ty, tx)`` of the stack padded with NaN to whole tiles."""
+    k, ny, nx = stack.shape
+    ty, tx = tile
+    nty, ntx = -(-ny // ty), -(-nx // tx)
+    pad = np.full((k, nty * ty, ntx * tx), np.nan)
+    pad[:, :ny, :nx] = stack
+    return pad.reshape(k, nty, ty, ntx, tx).transpose(0, 1, 3, 2, 4)
+
+
+def _check_fits(shape, tile, where="image"):
+    ty, tx = tile
+    if ty > shape[-2] or tx > shape[-1]:
+        raise InputError(f"{where}: tile {ty} x {tx} px does not fit the {shape[-2]} x {shape[-1]} "
+                         "px image")
+
+
+def weighted_total(stack: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """``sum_j weights[j] * stack[j]`` ignoring NaN, NaN where every image is NaN.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (k, ny, nx)
+    weights : ndarray, shape (k,), optional (default 1)
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), float64
+    """
+    s = np.asarray(stack, dtype=np.float64)
+    w = np.ones(len(s)) if weights is None else np.asarray(weights, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        return np.where(np.isfinite(s).any(0), np.nansum(s * w[:, None, None], axis=0), np.nan)
+
+
+def _tile_repeat(pattern: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Repeat ``pattern (k, ty, tx)`` over an image of ``shape (ny, nx)`` from pixel (0, 0)."""
+    k, ty, tx = pattern.shape
+    reps = (1, -(-shape[0] // ty), -(-shape[1] // tx))
+    return np.tile(pattern, reps)[:, :shape[0], :shape[1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------------------------
+
+def _band_profiles(image: np.ndarray, n_bands: int) -> np.ndarray:
+    """Means along axis 0 of ``n_bands`` equal bands of rows, ``(n_bands, n)``, ignoring NaN.
+
+    All-NaN positions are interpolated from their neighbours (0 when a band is all NaN).
+    """
+    bands = np.array_split(np.where(np.isfinite(image), image, np.nan), n_bands, axis=0)
+    out = []
+    for band in bands:
+        with np.errstate(all="ignore"):
+            p = np.nanmean(band, axis=0)
+        ok = np.isfinite(p)
+        if not ok.any():
+            p = np.zeros_like(p)
+        elif not ok.all():
+            i = np.arange(len(p))
+            p = np.interp(i, i[ok], p[ok])
+        out.append(p)
+    return np.array(out)
+
+
+def _detrend(p: np.ndarray, P: int) -> np.ndarray:
+    """``p`` minus its centred moving average over ``P`` samples (windows shrink at the ends).
+
+    A moving average over exactly one period turns a P-periodic component into a constant, so the
+    trend is removed while the periodic component survives whole.
+    """
+    n = len(p)
+    c = np.concatenate([[0.0], np.cumsum(p)])
+    lo = np.clip(np.arange(n) - P // 2, 0, n)
+    hi = np.clip(lo + P, 0, n)
+    lo = np.clip(hi - P, 0, n)
+    return p - (c[hi] - c[lo]) / (hi - lo)
+
+
+def _period_scores(profiles: np.ndarray, periods: np.ndarray) -> np.ndarray:
+    """Periodicity score of band profiles ``(n_bands, n)`` for each candidate period P.
+
+    Each band profile is detrended (:func:`_detrend`) and cut into its whole periods; the score is
+    the mean Pearson correlation between all pairs of these segments (all bands together). A
+    tile grid repeats in every period of every band (score near 1); image content does not
+    (score near 0).
+    """
+    n = profiles.shape[1]
+    scores = np.full(len(periods), -np.inf)
+    for i, P in enumerate(periods):
+        m = n // P
+        segs = np.concatenate([_detrend(p, P)[:m * P].reshape(m, P) for p in profiles])
+        segs = segs - segs.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(segs, axis=1)
+        segs = segs[norms > 0] / norms[norms > 0, None]
+        q = len(segs)
+        if q < 2:
+            continue
+        total = segs.sum(axis=0)
+        scores[i] = (float(total @ total) - q) / (q * (q - 1))
+    return scores
+
+
+def _detect_1d(image: np.ndarray, min_period: int, max_period: int, min_score: float,
+               min_repeats: int, n_bands: int, name: str) -> int:
+    """Period along axis 1 of ``image``; see :func:`detect_tile_period`."""
+    n = image.shape[1]
+    hi = min(max_period, n // min_repeats)
+    if hi < min_period:
+        raise InputError(f"detect_tile_period: the image is {n} px along {name}, too short for "
+                         f"{min_repeats} periods of >= {min_period} px")
+    periods = np.arange(min_period, hi + 1)
+    # the first difference suppresses smooth image content and sharpens tile seams
+    profiles = np.diff(_band_profiles(image, max(1, min(n_bands, image.shape[0] // 4))), axis=1)
+    scores = _period_scores(profiles, periods)
+    best = float(scores.max())
+    if not np.isfinite(best) or best < min_score:
+        raise InputError(f"detect_tile_period: no tile periodicity along {name} between "
+                         f"{min_period} and {hi} px (best score {best:.2f} < {min_score})")
+    # multiples of the period score about as well as the period itself, and so may its
+    # neighbours for smooth gain patterns: take the smallest local maximum close to the best
+    left = np.concatenate([[-np.inf], scores[:-1]])
+    right = np.concatenate([scores[1:], [-np.inf]])
+    peak = (scores >= left) & (scores >= right) & (scores >= 0.85 * best)
+    P = int(periods[peak][0])
+    log.info("tile period along %s: %d px (score %.2f; best %.2f at %d px)", name, P,
+             float(scores[periods == P][0]), best, int(periods[np.argmax(scores)]))
+    return P
+
+
+def detect_tile_period(image: np.ndarray, *, min_period: int = 8, max_period: int = 256,
+                       min_score: float = 0.4, min_repeats: int = 3,
+                       n_bands: int = 4) -> tuple[int, int]:
+    """Tile size ``(ty, tx)`` in pixels from the periodicity of the image along y and x.
+
+    Along x (likewise y): the image is cut into ``n_bands`` bands of rows; the first difference
+    of each band's column-mean profile is detrended with a moving average over the candidate
+    period and cut into periods; the score of the period is the mean correlation between all
+    these segments (autocorrelation at the lag of the period, pooled over bands and repeats).
+    The tile size is the smallest local maximum of the score within 85 % of the best score.
+    The grid must stand out against the image content: a faint, smooth vignetting on a strongly
+    textured image is not detected (give the tile size instead).
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx) or (k, ny, nx)
+        Image (a stack is summed over components first); NaN = not acquired.
+    min_period, max_period : int
+        Range of candidate periods (pixels).
+    min_score : float
+        Smallest score (mean correlation between periods, -1..1) accepted as a grid.
+    min_repeats : int
+        Periods longer than the image size divided by this are not considered.
+    n_bands : int
+        Number of bands the image is cut into across the direction analysed.
+
+    Returns
+    -------
+    (ty, tx) : tuple of int
+
+    Raises
+    ------
+    InputError
+        No periodicity in the range along y or x.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3:
+        img = weighted_total(img)
+    if img.ndim != 2:
+        raise InputError(f"detect_tile_period: expected an image (ny, nx), got shape {img.shape}")
+    if not np.isfinite(img).any():
+        raise InputError("detect_tile_period: the image has no finite pixel")
+    args = (int(min_period), int(max_period), float(min_score), int(min_repeats), int(n_bands))
+    ty = _detect_1d(img.T, *args, "y")
+    tx = _detect_1d(img, *args, "x")
+    return ty, tx
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile pattern and removal
+# ---------------------------------------------------------------------------------------------
+
+def mean_tile(stack: np.ndarray, tile, weights: np.ndarray | None = None) -> np.ndarray:
+    """Mean over all tiles of each in-tile position.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (k, ny, nx) or (ny, nx)
+        Images; NaN pixels are ignored.
+    tile : int or (ty, tx)
+        Tile size in pixels (tiles anchored at pixel (0, 0); edge tiles may be partial).
+    weights : ndarray, shape (ny, nx), optional
+        Non-negative pixel weights (e.g. a tissue mask) of a weighted mean.
+
+    Returns
+    -------
+    ndarray, shape (k, ty, tx), float64
+        NaN at positions without any finite, positively weighted pixel.
+    """
+    s, _ = _as_stack(stack)
+    tile = _tile_pair(tile)
+    _check_fits(s.shape, tile)
+    w = np.ones(s.shape[1:]) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != s.shape[1:]:
+        raise InputError(f"mean_tile: weights shape {w.shape} differs from image {s.shape[1:]}")
+    t = _tiles(s, tile)                                    # (k, nty, ntx, ty, tx)
+    wt = _tiles(w[None], tile)[0]                          # (nty, ntx, ty, tx)
+    valid = np.isfinite(t) & (np.nan_to_num(wt) > 0)
+    num = np.where(valid, t * wt, 0).sum(axis=(1, 2))
+    den = np.where(valid, wt, 0).sum(axis=(1, 2))
+    with np.errstate(all="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+#: Name of :func:`mean_tile` in ``docs/design.md``.
+tile_profile = mean_tile
+
+
+def _median_gain(t: np.ndarray, whole: np.ndarray) -> np.ndarray:
+    """Median over tiles of each tile divided by its own mean; ``t (nty, ntx, ty, tx)`` -> (ty, tx).
+
+    Only whole tiles are used when there are any; NaN where fewer than 3 tiles have a value.
+    """
+    ty, tx = t.shape[2:]
+    t = t[whole] if whole.any() else t.reshape(-1, ty, tx)
+    with np.errstate(all="ignore"):
+        tmean = np.nanmean(t, axis=(1, 2), keepdims=True)
+        norm = np.where(tmean > 0, t / tmean, np.nan)
+        n_valid = np.isfinite(norm).sum(axis=0)
+        g = np.nanmedian(norm, axis=0) if len(norm) else np.full((ty, tx), np.nan)
+    return np.where((n_valid >= 3) & np.isfinite(g), g, np.nan)
+
+
+def _normalise_gain(g: np.ndarray) -> np.ndarray:
+    """Gain scaled to mean 1 over its finite positive values; other positions 1; floor MIN_GAIN."""
+    ok = np.isfinite(g) & (g > 0)
+    out = np.ones_like(g)
+    if ok.any():
+        out[ok] = g[ok] / g[ok].mean()
+    return np.maximum(out, MIN_GAIN)
+
+
+def estimate_gain(stack: np.ndarray, tile, mask: np.ndarray | None = None, *,
+                  smooth: float = 1 / 3, gain_smooth: float = 0.5, n_iter: int = 20,
+                  rtol: float = 1e-4) -> np.ndarray:
+    """Relative gain ``G`` of each in-tile position under the model ``image = clean * G`` (tiled).
+
+    Start: the median over (whole) tiles of each tile divided by its own mean. Refinement, a few
+    alternating steps: ``clean`` = Gaussian smoothing (sigma = ``smooth`` * tile, NaN-aware) of
+    ``image / G``; ``G`` = least-squares ratio of ``image`` to ``clean`` pooled over all tiles
+    per position, then smoothed inside the tile (Savitzky-Golay, quadratic, windows of
+    ``gain_smooth`` * tile; no wrap-around, so steps at the tile seams survive, and quadratic
+    vignetting passes unchanged). The smoothing of ``clean`` suppresses the tile frequencies in
+    it, so the tile pattern ends up in ``G`` while image structure, which is not tile-periodic,
+    averages out over tiles; smoothing ``G`` removes what is left of image texture and counting
+    noise in it (few tiles). ``G`` is normalised to mean 1 and clipped below
+    at :data:`MIN_GAIN`; positions without data get 1.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (k, ny, nx) or (ny, nx)
+        Non-negative images, NaN = not acquired.
+    tile : int or (ty, tx)
+        Tile size in pixels.
+    mask : ndarray of bool, shape (ny, nx), optional
+        Pixels used for the estimate (default: all finite pixels).
+    smooth : float
+        Gaussian sigma of the clean-image estimate as a fraction of the tile size.
+    gain_smooth : float
+        Savitzky-Golay window of the gain smoothing as a fraction of the tile size (0: none).
+    n_iter : int
+        Maximum number of refinement steps (0: the median estimate only).
+    rtol : float
+        Stop refining when no gain value changes by more than this.
+
+    Returns
+    -------
+    ndarray, shape (k, ty, tx), float64
+    """
+    from scipy.ndimage import gaussian_filter
+
+    s, _ = _as_stack(stack)
+    tile = _tile_pair(tile)
+    _check_fits(s.shape, tile)
+    valid = np.isfinite(s)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.shape != s.shape[1:]:
+            raise InputError(f"estimate_gain: mask shape {mask.shape} differs from image "
+                             f"{s.shape[1:]}")
+        valid &= mask
+    k, ny, nx = s.shape
+    ty, tx = tile
+    nty, ntx = -(-ny // ty), -(-nx // tx)
+    whole = np.zeros((nty, ntx), bool)
+    whole[:ny // ty, :nx // tx] = True
+    sigma = (max(smooth * ty, 0.5), max(smooth * tx, 0.5))
+    out = np.ones((k, ty, tx))
+    for j in range(k):
+        v = valid[j]
+        if not v.any():
+            continue
+        obs = np.where(v, s[j], 0.0)
+        g = _normalise_gain(_median_gain(_tiles(np.where(v, s[j], np.nan)[None], tile)[0], whole))
+        weight = gaussian_filter(v.astype(np.float64), sigma, mode="nearest")
+        it, change = -1, np.nan
+        for it in range(int(n_iter)):
+            G = _tile_repeat(g[None], (ny, nx))[0]
+            with np.errstate(all="ignore"):
+                clean = gaussian_filter(obs / G, sigma, mode="nearest") / weight
+            clean = np.where(v & np.isfinite(clean), clean, 0.0)
+            num = _tile_sums(obs * clean, tile)
+            den = _tile_sums(clean * clean, tile)
+            with np.errstate(all="ignore"):
+                g_new = _normalise_gain(np.where(den > 0, num / den, np.nan))
+            if gain_smooth > 0:
+                g_new = _normalise_gain(_smooth_gain(g_new, gain_smooth))
+            change = float(np.max(np.abs(g_new - g)))
+            g = g_new
+            if change < rtol:
+                break
+        log.debug("gain of image %d: %d refinement steps, last change %.2g", j, it + 1, change)
+        out[j] = g
+    return out
+
+
+def _smooth_gain(g: np.ndarray, fraction: float, polyorder: int = 2) -> np.ndarray:
+    """Savitzky-Golay smoothing of a gain tile ``(ty, tx)`` along both axes.
+
+    Windows span ``fraction`` of the tile (odd, at least ``polyorder + 3`` samples); polynomials
+    up to ``polyorder`` per axis, including at the tile borders, pass unchanged.
+    """
+    from scipy.signal import savgol_filter
+
+    for axis in (0, 1):
+        n = g.shape[axis]
+        w = int(round(fraction * n)) | 1
+        w = max(w, polyorder + 3 if (polyorder + 3) % 2 else polyorder + 4)
+        if w <= n:
+            g = savgol_filter(g, w, polyorder, axis=axis, mode="interp")
+    return g
+
+
+def _tile_sums(image: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
+    """Sum over all tiles of each in-tile position, ``(ny, nx)`` -> ``(ty, tx)`` (NaN as 0)."""
+    t = _tiles(np.nan_to_num(image)[None], tile)[0]
+    return np.nansum(t, axis=(0, 1))
+
+
+def remove_grid(stack: np.ndarray, tile, method: str = "gain", mask: np.ndarray | None = None, *,
+                per_component: bool = True,
+                component_weights: np.ndarray | None = None) -> np.ndarray:
+    """Remove the tile pattern from every image of a stack.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (k, ny, nx) or (ny, nx)
+        Non-negative images; NaN = not acquired (kept NaN).
+    tile : int or (ty, tx)
+        Tile size in pixels, anchored at pixel (0, 0).
+    method : {"gain", "subtract"}
+        ``"gain"``: divide by the robust normalised mean tile (:func:`estimate_gain`).
+        ``"subtract"`` (published): subtract the mean tile minus its global mean, clip at 0.
+    mask : ndarray of bool, shape (ny, nx), optional
+        Pixels used to estimate the pattern (e.g. tissue); the correction applies everywhere.
+    per_component : bool, default True
+        ``"gain"`` only: estimate one gain per image; otherwise one shared gain from the
+        weighted sum of the images (the physical gain is common to all ions). ``"subtract"``
+        always works per image.
+    component_weights : ndarray, shape (k,), optional
+        Weights of the sum used by the shared gain (default 1; for NMF maps the row sums of the
+        spectra, so that the sum is the reconstructed total ion image).
+
+    Returns
+    -------
+    ndarray, same shape as ``stack``, float32
+    """
+    if method not in METHODS:
+        raise InputError(f"degrid method must be one of {METHODS}, got {method!r}")
+    s, single = _as_stack(stack)
+    tile = _tile_pair(tile)
+    _check_fits(s.shape, tile)
+    shape = s.shape[1:]
+    if method == "subtract":
+        w = None if mask is None else np.asarray(mask, dtype=np.float64)
+        T = mean_tile(s, tile, weights=w)                                # (k, ty, tx)
+        with np.errstate(all="ignore"):
+            dev = np.nan_to_num(T - np.nanmean(T, axis=(1, 2), keepdims=True))
+        out = s - _tile_repeat(dev, shape)
+        out = np.where(np.isnan(s), np.nan, np.maximum(out, 0))
+    else:
+        if per_component:
+            G = estimate_gain(s, tile, mask)
+        else:
+            cw = np.ones(len(s)) if component_weights is None else np.asarray(component_weights,
+                                                                              dtype=np.float64)
+            if cw.shape != (len(s),):
+                raise InputError(f"component_weights has shape {cw.shape}, expected ({len(s)},)")
+            G = np.repeat(estimate_gain(weighted_total(s, cw), tile, mask), len(s), axis=0)
+        out = s / _tile_repeat(G, shape)
+    out = out.astype(np.float32)
+    return out[0] if single else out
+
+
+def _periodic_component(img: np.ndarray) -> np.ndarray:
+    """Periodic part of the periodic + smooth decomposition (Moisan 2011).
+
+    Removes the jumps between opposite image borders that an FFT treats as edges (the cross
+    through the spectrum), which would otherwise put power on the harmonic lattice's axes.
+    """
+    ny, nx = img.shape
+    v = np.zeros_like(img)
+    v[0, :] += img[-1, :] - img[0, :]
+    v[-1, :] += img[0, :] - img[-1, :]
+    v[:, 0] += img[:, -1] - img[:, 0]
+    v[:, -1] += img[:, 0] - img[:, -1]
+    q = np.arange(ny)[:, None]
+    r = np.arange(nx)[None, :]
+    den = 2 * np.cos(2 * np.pi * q / ny) + 2 * np.cos(2 * np.pi * r / nx) - 4
+    den[0, 0] = 1.0
+    s_hat = np.fft.fft2(v) / den
+    s_hat[0, 0] = 0.0
+    return img - np.real(np.fft.ifft2(s_hat))
+
+
+def grid_energy(image: np.ndarray, tile) -> float:
+    """Fraction of the image's spectral power at the tile harmonics, DC excluded.
+
+    The image is cropped to whole tiles from pixel (0, 0) (so that every harmonic ``(i / ty,
+    j / tx)`` falls on an FFT bin), NaN pixels are set to the mean, the mean is subtracted, the
+    smooth component of the periodic + smooth decomposition (Moisan 2011) is removed (border
+    jumps), and the power at the harmonic lattice (any ``(i, j) != (0, 0)``) is divided by the
+    total power.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+    tile : int or (ty, tx)
+
+    Returns
+    -------
+    float
+        In [0, 1]; about ``1 / (ty * tx)`` for white noise, near 1 for a pure tile pattern.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim != 2:
+        raise InputError(f"grid_energy: expected an image (ny, nx), got shape {img.shape}")
+    ty, tx = _tile_pair(tile)
+    _check_fits(img.shape, (ty, tx))
+    nty, ntx = img.shape[0] // ty, img.shape[1] // tx
+    img = img[:nty * ty, :ntx * tx]
+    finite = np.isfinite(img)
+    if not finite.any():
+        return 0.0
+    img = np.where(finite, img, img[finite].mean())
+    img = _periodic_component(img - img.mean())
+    power = np.abs(np.fft.fft2(img)) ** 2
+    total = float(power.sum())
+    if total <= 0:
+        return 0.0
+    lattice = float(power[::nty, ::ntx].sum())            # DC is ~0 after mean removal
+    return lattice / total
+
+
+def degrid_nmf_file(in_path, out_path, *, tile, method: str = "gain",
+                    per_component: bool = False, min_period: int = 8,
+                    max_period: int = 256) -> dict[str, tuple[int, int]]:
+    """Remove the tile grid from every map stack of an NMF file; write the same layout.
+
+    Parameters
+    ----------
+    in_path, out_path : path-like
+        NMF file (``results/nmf/{modality}.h5``) and its corrected twin
+        (``results/nmf/{modality}.degrid.h5``).
+    tile : int, (ty, tx) or None
+        Tile size in pixels; ``None`` detects it per file with :func:`detect_tile_period` on the
+        reconstructed total ion image.
+    method, per_component
+        See :func:`remove_grid` (with ``per_component=False`` one gain per file is estimated from
+        the maps weighted by the spectra's row sums).
+    min_period, max_period : int
+        Detection range when ``tile`` is None.
+
+    Returns
+    -------
+    dict file_id -> (ty, tx)
+        Tile used for each file.
+    """
+    nmf = read_nmf(in_path)
+    weights = nmf["spectra"].astype(np.float64).sum(axis=1)
+    maps, tiles = {}, {}
+    for fid, stack in nmf["maps"].items():
+        where = f"{in_path}: /maps/{fid}"
+        if tile is None:
+            try:
+                t = detect_tile_period(weighted_total(stack, weights), min_period=min_period,
+                                       max_period=max_period)
+            except InputError as err:
+                raise InputError(f"{where}: {err}") from err
+        else:
+            t = _tile_pair(tile)
+        _check_fits(stack.shape, t, where)
+        before = grid_energy(weighted_total(stack, weights), t)
+        maps[fid] = remove_grid(stack, t, method, per_component=per_component,
+                                component_weights=weights)
+        after = grid_energy(weighted_total(maps[fid], weights), t)
+        log.info("%s: tile %s, %s correction, grid energy of the total image %.4f -> %.4f",
+                 where, t, method, before, after)
+        tiles[fid] = t
+    map_attrs = {fid: dict(a, tile=tiles[fid]) for fid, a in nmf["map_attrs"].items()}
+    attrs = dict(nmf["attrs"], degrid_method=method, degrid_per_component=bool(per_component),
+                 degrid_source=str(in_path))
+    write_nmf(out_path, spectra=nmf["spectra"], mz=nmf["mz"], errors=nmf["errors"], maps=maps,
+              map_attrs=map_attrs, attrs=attrs)
+    return tiles

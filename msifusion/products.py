@@ -1,0 +1,410 @@
+"""Fused products: ion images, ROI spectra, the fused HDF5 file, PNG / TIFF images and figures.
+
+A fused product holds component maps ``(k, ny, nx)`` on a modality's grid together with the
+reference modality's component spectra ``(k, n_mz)``; the image of any m/z window is
+``spectra[:, window].sum(1) @ maps`` (see ``docs/design.md``, stage 5).
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot state) and written
+through :func:`msifusion.store.atomic_output`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+import h5py
+import numpy as np
+
+from .errors import InputError
+from .store import _plain, atomic_output
+
+log = logging.getLogger("msifusion.products")
+
+FORMAT = "msifusion-fused"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# ion images and spectra
+# --------------------------------------------------------------------------------------------
+
+def mz_window(mz: np.ndarray, target_mz: float, ppm: float) -> np.ndarray:
+    """Boolean selection of the m/z values within ``target_mz +- ppm``.
+
+    Parameters
+    ----------
+    mz : ndarray, shape (n_mz,)
+    target_mz : float
+    ppm : float
+        Half-width of the window in parts per million of ``target_mz``.
+
+    Returns
+    -------
+    ndarray of bool, shape (n_mz,)
+    """
+    mz = np.asarray(mz, dtype=np.float64)
+    if not ppm > 0:
+        raise InputError(f"m/z window: ppm must be positive, got {ppm}")
+    return np.abs(mz - float(target_mz)) <= float(target_mz) * float(ppm) * 1e-6
+
+
+def ion_image(spectra: np.ndarray, mz: np.ndarray, maps: np.ndarray, target_mz: float,
+              ppm: float) -> np.ndarray:
+    """Image of the m/z window ``target_mz +- ppm`` reconstructed from components.
+
+    Parameters
+    ----------
+    spectra : ndarray, shape (k, n_mz)
+        Component spectra.
+    mz : ndarray, shape (n_mz,)
+        m/z of the spectra columns.
+    maps : ndarray, shape (k, ny, nx)
+        Component maps (NaN where not acquired).
+    target_mz : float
+    ppm : float
+        Window half-width in ppm.
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), float64
+        ``spectra[:, window].sum(1) @ maps``; NaN where the maps are NaN.
+
+    Raises
+    ------
+    InputError
+        When no m/z value lies in the window (names the nearest one).
+    """
+    spectra = np.asarray(spectra)
+    mz = np.asarray(mz, dtype=np.float64)
+    maps = np.asarray(maps)
+    if spectra.ndim != 2 or spectra.shape[1] != mz.shape[0] or maps.shape[0] != spectra.shape[0]:
+        raise InputError(f"ion image: spectra {spectra.shape}, mz {mz.shape} and maps {maps.shape} "
+                         "do not match ((k, n_mz), (n_mz,), (k, ny, nx))")
+    window = mz_window(mz, target_mz, ppm)
+    if not window.any():
+        nearest = mz[np.argmin(np.abs(mz - target_mz))] if len(mz) else float("nan")
+        raise InputError(f"ion image: no m/z within {ppm} ppm of {target_mz} "
+                         f"(nearest is {nearest:.5f})")
+    weights = spectra[:, window].sum(1).astype(np.float64)
+    return np.tensordot(weights, maps.astype(np.float64), axes=1)
+
+
+def roi_mean_spectrum(spectra: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean reconstructed spectrum over the acquired pixels of a region.
+
+    Parameters
+    ----------
+    spectra : ndarray, shape (k, n_mz)
+    maps : ndarray, shape (k, ny, nx)
+        NaN where not acquired (such pixels are left out).
+    mask : ndarray of bool, shape (ny, nx)
+
+    Returns
+    -------
+    ndarray, shape (n_mz,), float64
+        ``mean over pixels of (maps[:, pixel] @ spectra)``.
+    """
+    maps = np.asarray(maps)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != maps.shape[1:]:
+        raise InputError(f"ROI spectrum: mask shape {mask.shape} != map shape {maps.shape[1:]}")
+    sel = mask & np.isfinite(maps).all(0)
+    if not sel.any():
+        raise InputError("ROI spectrum: the region contains no acquired pixel")
+    weights = maps[:, sel].astype(np.float64).mean(1)
+    return weights @ np.asarray(spectra, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# fused HDF5 product
+# --------------------------------------------------------------------------------------------
+
+def write_fused(path: str | os.PathLike, maps: np.ndarray, spectra: np.ndarray, mz: np.ndarray,
+                *, origin_xy, pixel_size_um: float, reference: str,
+                extra: Mapping | None = None) -> None:
+    """Write a fused product (atomically).
+
+    Layout: ``/maps`` float32 (k, ny, nx), ``/spectra`` float32 (k, n_mz), ``/mz`` float64
+    (n_mz,); attrs ``origin_xy``, ``pixel_size_um``, ``reference``, ``format``,
+    ``format_version``. ``extra`` entries that are arrays go to ``/extra/{name}``; scalars and
+    strings become attributes of ``/extra``.
+
+    Parameters
+    ----------
+    path : path-like
+    maps : ndarray, shape (k, ny, nx)
+        Reference components predicted on this modality's grid (NaN where not acquired).
+    spectra : ndarray, shape (k, n_mz)
+        Reference component spectra.
+    mz : ndarray, shape (n_mz,)
+    origin_xy : (int, int)
+        ROI origin in pixels of the acquisition.
+    pixel_size_um : float
+    reference : str
+        Name of the reference modality.
+    extra : mapping, optional
+        E.g. ``{"cv_r": array, "method": "ridge"}``.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    spectra = np.asarray(spectra, dtype=np.float32)
+    mz = np.asarray(mz, dtype=np.float64)
+    if maps.ndim != 3 or spectra.ndim != 2 or mz.ndim != 1 or maps.shape[0] != spectra.shape[0] \
+            or spectra.shape[1] != mz.shape[0]:
+        raise InputError(f"{path}: maps {maps.shape}, spectra {spectra.shape} and mz {mz.shape} do "
+                         "not match ((k, ny, nx), (k, n_mz), (n_mz,))")
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        chunks = (1,) + tuple(min(s, 256) for s in maps.shape[1:]) if maps.size else None
+        f.create_dataset("maps", data=maps, chunks=chunks, compression="gzip" if chunks else None,
+                         compression_opts=4 if chunks else None)
+        f.create_dataset("spectra", data=spectra)
+        f.create_dataset("mz", data=mz)
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["origin_xy"] = np.asarray(origin_xy, dtype=np.int64).reshape(2)
+        f.attrs["pixel_size_um"] = float(pixel_size_um)
+        f.attrs["reference"] = str(reference)
+        if extra:
+            g = f.create_group("extra")
+            for key, value in extra.items():
+                if isinstance(value, (str, bytes, int, float, bool, np.generic)) or value is None:
+                    g.attrs[key] = "" if value is None else value
+                else:
+                    g.create_dataset(key, data=np.asarray(value))
+
+
+def read_fused(path: str | os.PathLike) -> dict:
+    """Read a fused product written by :func:`write_fused`.
+
+    Returns
+    -------
+    dict
+        ``maps`` (k, ny, nx) float32, ``spectra`` (k, n_mz) float32, ``mz`` (n_mz,) float64,
+        ``origin_xy`` (tuple of int), ``pixel_size_um`` (float), ``reference`` (str),
+        ``attrs`` (all file attributes), ``extra`` (dict of arrays and attributes).
+    """
+    if not os.path.exists(path):
+        raise InputError(f"{path}: fused product not found")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise InputError(f"{path}: not an msifusion fused product "
+                                 f"(format attribute is {attrs.get('format')!r})")
+            out = {"maps": f["maps"][:], "spectra": f["spectra"][:], "mz": f["mz"][:]}
+            extra = {}
+            if "extra" in f:
+                extra.update({k: _plain(v) for k, v in f["extra"].attrs.items()})
+                extra.update({k: d[()] for k, d in f["extra"].items()})
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err
+    out.update(origin_xy=tuple(int(v) for v in attrs["origin_xy"]),
+               pixel_size_um=float(attrs["pixel_size_um"]), reference=str(attrs["reference"]),
+               attrs=attrs, extra=extra)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------
+
+def save_tiff(img: np.ndarray, path: str | os.PathLike, pixel_size_um: float) -> None:
+    """Write an image (ny, nx) or stack (k, ny, nx) as float32 ImageJ TIFF with its pixel size.
+
+    The resolution tags hold ``1 / pixel_size_um`` pixels per micrometre (ImageJ unit ``um``),
+    so Fiji/ImageJ show physical sizes; NaN is kept. Without a finite positive pixel size the
+    file has no physical resolution (a warning is logged).
+    """
+    import tifffile
+
+    img = np.asarray(img, dtype=np.float32)
+    if img.ndim not in (2, 3):
+        raise InputError(f"{path}: TIFF image must be (ny, nx) or (k, ny, nx), got {img.shape}")
+    metadata = {"axes": "ZYX" if img.ndim == 3 else "YX"}
+    kwargs = {}
+    if pixel_size_um is not None and np.isfinite(pixel_size_um) and pixel_size_um > 0:
+        res = 1.0 / float(pixel_size_um)
+        kwargs["resolution"] = (res, res)
+        metadata["unit"] = "um"
+    else:
+        log.warning("%s: no valid pixel size (%s); TIFF written without physical resolution",
+                    path, pixel_size_um)
+    with atomic_output(path) as tmp:
+        tifffile.imwrite(tmp, img, imagej=True, metadata=metadata, **kwargs)
+
+
+def _robust_limits(img: np.ndarray, lo: float = 1.0, hi: float = 99.5) -> tuple[float, float]:
+    """Colour limits at the ``lo`` / ``hi`` percentiles of the finite values (never equal)."""
+    vals = np.asarray(img, dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 0.0, 1.0
+    vmin, vmax = np.percentile(vals, [lo, hi])
+    if vmax <= vmin:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    return float(vmin), float(vmax)
+
+
+def _nice_length(target: float) -> float:
+    """Round length 1, 2 or 5 x 10^n not above ``target`` (> 0)."""
+    exp = np.floor(np.log10(target))
+    for step in (5.0, 2.0, 1.0):
+        if step * 10 ** exp <= target:
+            return float(step * 10 ** exp)
+    return float(10 ** exp)
+
+
+def _draw_map(fig, ax, img, *, pixel_size_um: float, cmap: str, label: str | None,
+              title: str | None = None) -> None:
+    """Image with robust limits, NaN in light grey, a colour bar and a scale bar in um."""
+    import matplotlib
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    img = np.asarray(img, dtype=np.float64)
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="lightgrey")
+    vmin, vmax = _robust_limits(img)
+    im = ax.imshow(np.ma.masked_invalid(img), cmap=cm, vmin=vmin, vmax=vmax,
+                   interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    if label:
+        cb.set_label(label, fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    if pixel_size_um and np.isfinite(pixel_size_um) and pixel_size_um > 0:
+        length_um = _nice_length(img.shape[1] * pixel_size_um / 4.0)
+        text = f"{length_um:g} um" if length_um < 1000 else f"{length_um / 1000:g} mm"
+        bar = AnchoredSizeBar(ax.transData, length_um / pixel_size_um, text, "lower right",
+                              pad=0.3, color="white", frameon=False, size_vertical=max(
+                                  1.0, img.shape[0] / 80), fontproperties={"size": 8})
+        ax.add_artist(bar)
+
+
+def _new_figure(width_in: float, height_in: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, path) -> None:
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+
+
+def save_image_png(img: np.ndarray, path: str | os.PathLike, *, pixel_size_um: float,
+                   title: str = "", cmap: str = "viridis",
+                   label: str = "intensity (a.u.)") -> None:
+    """Save one image (ny, nx) as PNG with a colour bar and a scale bar in um.
+
+    Colour limits are the 1 and 99.5 percentiles of the finite values; NaN (not acquired) is
+    drawn light grey.
+    """
+    img = np.asarray(img)
+    if img.ndim != 2:
+        raise InputError(f"{path}: PNG image must be (ny, nx), got {img.shape}")
+    ny, nx = img.shape
+    fig = _new_figure(5.0, max(2.0, 5.0 * ny / max(nx, 1)))
+    ax = fig.add_subplot()
+    _draw_map(fig, ax, img, pixel_size_um=pixel_size_um, cmap=cmap, label=label, title=title)
+    _save_figure(fig, path)
+
+
+def _stems(ax, mz, values, **kw):
+    """Stick spectrum (vertical lines from 0), suited to binned peak lists."""
+    ax.vlines(np.asarray(mz), 0, np.asarray(values), linewidth=0.8, **kw)
+
+
+def plot_spectrum(mz: np.ndarray, spectra_dict: Mapping, path: str | os.PathLike, *,
+                  title: str = "", targets=None) -> None:
+    """Stick plot of ROI mean spectra, one series per level / ROI.
+
+    Parameters
+    ----------
+    mz : ndarray, shape (n_mz,)
+        Shared m/z axis.
+    spectra_dict : mapping name -> ndarray (n_mz,) or (mz_i, values_i)
+        Series to draw; a tuple gives a series its own m/z axis.
+    path : path-like
+        PNG output.
+    targets : sequence of float, optional
+        m/z values to mark with dashed lines.
+    """
+    fig = _new_figure(8.0, 3.5)
+    ax = fig.add_subplot()
+    colors = [f"C{i}" for i in range(10)]
+    for i, (name, series) in enumerate(spectra_dict.items()):
+        if isinstance(series, tuple):
+            x, y = series
+        else:
+            x, y = mz, series
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if x.shape != y.shape:
+            raise InputError(f"{path}: series {name!r} has {y.shape} values for m/z {x.shape}")
+        _stems(ax, x, y, color=colors[i % 10], alpha=0.75, label=str(name))
+    for t in targets or ():
+        ax.axvline(float(t), color="k", linestyle="--", linewidth=0.7, alpha=0.6)
+        ax.annotate(f"{float(t):.4f}", (float(t), 1.0), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=7)
+    ax.set_xlabel("m/z")
+    ax.set_ylabel("mean intensity (a.u.)")
+    ax.set_ylim(bottom=0)
+    if title:
+        ax.set_title(title)
+    if spectra_dict:
+        ax.legend(fontsize=8, frameon=False)
+    _save_figure(fig, path)
+
+
+def plot_components(maps: np.ndarray, spectra: np.ndarray, mz: np.ndarray,
+                    path: str | os.PathLike, *, pixel_size_um: float,
+                    max_components: int = 8, title: str = "") -> None:
+    """Component figure: each map beside its spectrum, and the summed map with the total spectrum.
+
+    Parameters
+    ----------
+    maps : ndarray, shape (k, ny, nx)
+    spectra : ndarray, shape (k, n_mz)
+    mz : ndarray, shape (n_mz,)
+    path : path-like
+        PNG output.
+    pixel_size_um : float
+        For the scale bars.
+    max_components : int
+        Components drawn (the first ones); the summed row always uses all ``k``.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    spectra = np.asarray(spectra, dtype=np.float64)
+    if maps.ndim != 3 or spectra.shape != (maps.shape[0], np.asarray(mz).shape[0]):
+        raise InputError(f"{path}: maps {maps.shape}, spectra {spectra.shape} and mz "
+                         f"{np.asarray(mz).shape} do not match")
+    k = maps.shape[0]
+    shown = min(k, max(1, int(max_components)))
+    rows = shown + 1
+    fig = _new_figure(10.0, 2.2 * rows)
+    grid = fig.add_gridspec(rows, 2, width_ratios=(1, 2))
+    valid = np.isfinite(maps).all(0)
+    for i in range(shown):
+        _draw_map(fig, fig.add_subplot(grid[i, 0]), maps[i], pixel_size_um=pixel_size_um,
+                  cmap="viridis", label=None, title=f"component {i + 1}")
+        ax = fig.add_subplot(grid[i, 1])
+        _stems(ax, mz, spectra[i], color=f"C{i % 10}")
+        ax.set_ylim(bottom=0)
+        ax.tick_params(labelsize=7)
+    total_map = np.where(valid, np.nansum(maps, axis=0), np.nan)
+    _draw_map(fig, fig.add_subplot(grid[shown, 0]), total_map, pixel_size_um=pixel_size_um,
+              cmap="viridis", label=None, title=f"sum of {k} components")
+    ax = fig.add_subplot(grid[shown, 1])
+    abundance = np.nansum(maps.reshape(k, -1), axis=1)
+    _stems(ax, mz, abundance @ spectra / max(int(valid.sum()), 1), color="k")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("m/z")
+    ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title)
+    _save_figure(fig, path)

@@ -1,0 +1,1042 @@
+"""Rigid (or affine) registration of one section between a coarse and a fine MSI modality.
+
+Each adjacent pair of the modality chain is registered separately: a *coarse* modality (e.g. FT-ICR,
+80 um pixels) and a *fine* one (e.g. MALDI-TOF 20 um or ToF-SIMS 5 um). The two modalities detect
+different ions, so intensities are not compared directly. Both images are turned into two
+modality-independent features on a common physical resolution:
+
+* ``tissue``: the image rescaled so that background is 0 and tissue is 1 (clipped), i.e. a soft
+  tissue mask whose edge lies at the physical tissue edge (it does not depend on how much the binary
+  masks were dilated), and
+* ``structure``: the gradient magnitude of the log image (tissue outline and internal boundaries,
+  invariant to contrast inversions between modalities).
+
+The similarity is the weighted normalised cross-correlation (NCC) of both features, computed only
+where the fine image was acquired (the fine modality often sees only part of the section); the coarse
+frame outside its ROI counts as background.
+
+Search (all with the scale fixed by the pixel sizes):
+
+1. exhaustive translation search by FFT (masked NCC, Padfield 2012) for ``n_starts`` rotations over
+   the full circle (and their mirror images when ``mirror=True``), two peaks per rotation;
+2. all those starts are refined together as one batch by gradient ascent in torch
+   (``grid_sample``);
+3. the best distinct candidates are refined on finer levels; the best one wins (optionally followed
+   by an affine refinement).
+
+Quality: ``score`` is the Dice coefficient of the tissue masks after registration (over the fine
+field of view), ``margin`` the similarity gap between the winner and the best candidate that maps
+the fine tissue elsewhere (small margin: ambiguous, e.g. a featureless field of view inside the
+tissue or an unrelated pair). ``passed`` requires both.
+
+Coordinates follow ``docs/design.md``: pixel ``(x, y)`` has its centre at integer ``(x, y)`` and
+``matrix`` (2, 3) maps fine ROI pixel coordinates ``(x, y, 1)`` to coarse ROI pixel coordinates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import fft as sfft
+from scipy import ndimage as ndi
+
+from .errors import InputError
+
+log = logging.getLogger("msifusion.register")
+
+__all__ = [
+    "Registration",
+    "register_pair",
+    "compose",
+    "invert",
+    "transform_points",
+    "warp_to_coarse",
+    "plot_overlay",
+]
+
+#: Background padding around the coarse ROI (coarse px); larger than the widest smoothing support.
+COARSE_PAD = 8
+#: Similarity features, in channel order (see :func:`_features`).
+FEATURES = ("tissue", "edges_log", "edges_linear")
+
+
+@dataclass(frozen=True)
+class LevelConfig:
+    """One level of the coarse-to-fine schedule.
+
+    Attributes
+    ----------
+    sigma : float
+        Gaussian scale, coarse px.
+    spacing : float
+        Spacing of the fine sample points, coarse px.
+    lr : float
+        Adam step, coarse px (rotations: arc length at the tissue's RMS radius).
+    weights : tuple of float
+        Weight of each feature of :data:`FEATURES`.
+    """
+
+    sigma: float
+    spacing: float
+    lr: float
+    weights: tuple
+
+
+#: Search and batched refinement of all starts: wide capture (tissue outline, contrast-free edges).
+LEVEL_START = LevelConfig(1.5, 1.0, 0.5, (0.5, 0.5, 0.0))
+#: Refinement of the distinct candidates (the margin is measured after these).
+LEVELS_REFINE = (LevelConfig(0.8, 0.5, 0.2, (0.2, 0.4, 0.4)), LevelConfig(0.5, 0.5, 0.05, (0.0, 0.5, 0.5)))
+#: Polish of the winner on sharp edges (small blur: nearby edges with different contrasts in the two
+#: modalities interfere less).
+LEVELS_POLISH = (LevelConfig(0.35, 0.5, 0.03, (0.0, 1.0, 0.0)),)
+
+
+# --------------------------------------------------------------------------------------------
+# Result type and matrix helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Registration:
+    """Result of :func:`register_pair`.
+
+    Attributes
+    ----------
+    matrix : ndarray, shape (2, 3), float64
+        Maps fine ROI pixel coordinates ``(x, y, 1)`` to coarse ROI pixel coordinates ``(x, y)``.
+    rotation_deg : float
+        Rotation angle of the fine image in the coarse frame, degrees in (-180, 180]; positive turns
+        +x towards +y (clockwise on screen, y pointing down).
+    translation_um : tuple of float
+        Position of fine ROI pixel (0, 0) in the coarse ROI frame, micrometres ``(x, y)``.
+    scale : float
+        Coarse pixels per fine pixel (``sqrt(|det A|)``); ``fine_px_um / coarse_px_um`` when rigid.
+    mirror : bool
+        True when the fine image is mirrored (x flipped before the rotation).
+    score : float
+        Dice coefficient of the tissue masks after registration, over the fine field of view, [0, 1].
+    ncc : float
+        Final similarity (weighted NCC of the features), [-1, 1].
+    margin : float
+        Similarity of the winner minus that of the best candidate placing the fine tissue elsewhere.
+    passed : bool
+        ``score >= min_score`` and ``margin >= min_margin``.
+    coarse_px_um, fine_px_um : float
+        Pixel sizes (micrometres).
+    model : str
+        ``"rigid"`` or ``"affine"``.
+    coarse_shape, fine_shape : tuple of int
+        ``(ny, nx)`` of the two ROI images.
+    """
+
+    matrix: np.ndarray
+    rotation_deg: float
+    translation_um: tuple[float, float]
+    scale: float
+    mirror: bool
+    score: float
+    ncc: float
+    margin: float
+    passed: bool
+    coarse_px_um: float
+    fine_px_um: float
+    model: str = "rigid"
+    coarse_shape: tuple[int, int] = (0, 0)
+    fine_shape: tuple[int, int] = (0, 0)
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """JSON-serialisable dict: pixel matrix, physical matrix, pixel sizes, scores."""
+        m = np.asarray(self.matrix, dtype=np.float64)
+        # physical: fine um -> coarse um:  q_um = c * (A (p_um / f) + t)
+        c, f = float(self.coarse_px_um), float(self.fine_px_um)
+        m_um = np.concatenate([m[:, :2] * (c / f), m[:, 2:] * c], axis=1)
+        return {
+            "format": "msifusion-registration",
+            "format_version": 1,
+            "model": self.model,
+            "matrix_px": m.tolist(),
+            "matrix_um": m_um.tolist(),
+            "rotation_deg": float(self.rotation_deg),
+            "translation_um": [float(v) for v in self.translation_um],
+            "scale": float(self.scale),
+            "mirror": bool(self.mirror),
+            "score": float(self.score),
+            "ncc": float(self.ncc),
+            "margin": float(self.margin),
+            "passed": bool(self.passed),
+            "coarse_pixel_size_um": c,
+            "fine_pixel_size_um": f,
+            "coarse_shape": [int(v) for v in self.coarse_shape],
+            "fine_shape": [int(v) for v in self.fine_shape],
+            "details": {k: _jsonable(v) for k, v in self.details.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Registration":
+        """Inverse of :meth:`to_json`; raises ``InputError`` naming a missing or malformed key."""
+        try:
+            m = np.asarray(d["matrix_px"], dtype=np.float64)
+            if m.shape != (2, 3):
+                raise InputError(f"registration JSON: 'matrix_px' must be 2 x 3, got {m.shape}")
+            return cls(
+                matrix=m,
+                rotation_deg=float(d["rotation_deg"]),
+                translation_um=tuple(float(v) for v in d["translation_um"]),
+                scale=float(d["scale"]),
+                mirror=bool(d["mirror"]),
+                score=float(d["score"]),
+                ncc=float(d["ncc"]),
+                margin=float(d.get("margin", float("nan"))),
+                passed=bool(d["passed"]),
+                coarse_px_um=float(d["coarse_pixel_size_um"]),
+                fine_px_um=float(d["fine_pixel_size_um"]),
+                model=str(d.get("model", "rigid")),
+                coarse_shape=tuple(int(v) for v in d.get("coarse_shape", (0, 0))),
+                fine_shape=tuple(int(v) for v in d.get("fine_shape", (0, 0))),
+                details=dict(d.get("details", {})),
+            )
+        except KeyError as e:
+            raise InputError(f"registration JSON: missing key {e.args[0]!r}") from None
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _as_3x3(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    if m.shape != (2, 3):
+        raise ValueError(f"expected a 2 x 3 affine matrix, got shape {m.shape}")
+    return np.vstack([m, [0.0, 0.0, 1.0]])
+
+
+def compose(m_ab: np.ndarray, m_bc: np.ndarray) -> np.ndarray:
+    """Chain two 2 x 3 affine maps: ``a -> b`` then ``b -> c`` gives ``a -> c``.
+
+    Parameters
+    ----------
+    m_ab : ndarray, shape (2, 3)
+        Maps frame ``a`` pixel coordinates to frame ``b``.
+    m_bc : ndarray, shape (2, 3)
+        Maps frame ``b`` pixel coordinates to frame ``c``.
+
+    Returns
+    -------
+    ndarray, shape (2, 3)
+        ``m_bc @ m_ab`` in homogeneous form: maps frame ``a`` to frame ``c``.
+    """
+    return (_as_3x3(m_bc) @ _as_3x3(m_ab))[:2]
+
+
+def invert(m: np.ndarray) -> np.ndarray:
+    """Inverse of a 2 x 3 affine map (shape (2, 3))."""
+    return np.linalg.inv(_as_3x3(m))[:2]
+
+
+def transform_points(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Apply a 2 x 3 affine map to points ``xy`` of shape (n, 2) (x, y); returns (n, 2)."""
+    m = np.asarray(m, dtype=np.float64)
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    return xy @ m[:, :2].T + m[:, 2]
+
+
+def _rotation_matrix(theta: float, mirror: bool) -> np.ndarray:
+    c, s = math.cos(theta), math.sin(theta)
+    r = np.array([[c, -s], [s, c]])
+    return r @ np.diag([-1.0, 1.0]) if mirror else r
+
+
+def _wrap_deg(a: float) -> float:
+    a = (a + 180.0) % 360.0 - 180.0
+    return 180.0 if a == -180.0 else a
+
+
+# --------------------------------------------------------------------------------------------
+# Feature preparation (numpy)
+# --------------------------------------------------------------------------------------------
+
+
+def _block_mean(img: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """NaN-aware b x b block mean. Returns (mean (NaN where < half acquired), acquired fraction)."""
+    if b == 1:
+        v = np.isfinite(img)
+        return np.where(v, img, np.nan), v.astype(np.float64)
+    ny, nx = img.shape
+    py, px = (-ny) % b, (-nx) % b
+    a = np.pad(img, ((0, py), (0, px)), constant_values=np.nan)
+    v = np.isfinite(a)
+    a = np.where(v, a, 0.0)
+    shp = (a.shape[0] // b, b, a.shape[1] // b, b)
+    s = a.reshape(shp).sum(axis=(1, 3))
+    n = v.reshape(shp).sum(axis=(1, 3)).astype(np.float64)
+    frac = n / (b * b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(frac >= 0.5, s / np.maximum(n, 1), np.nan)
+    return mean, frac
+
+
+def _normalise(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Rescale so that the background median is 0 and the median of the tissue core is 1; NaN kept.
+
+    The tissue core is the mask eroded by 2 px (partial-volume pixels at the edge excluded, as the
+    two modalities have very different shares of them); the same intensity scale in both modalities
+    keeps nonlinear features (log) comparable."""
+    valid = np.isfinite(img)
+    tis = mask & valid
+    for it in (2, 1):
+        core = ndi.binary_erosion(tis, iterations=it)
+        if core.sum() >= 10:
+            tis = core
+            break
+    bg = valid & ~ndi.binary_dilation(mask, iterations=2)
+    lo = float(np.median(img[bg])) if bg.sum() >= 4 else float(np.nanmin(img))
+    hi = float(np.median(img[tis]))
+    if not hi > lo:
+        hi = float(np.percentile(img[tis], 90.0))
+    if not hi > lo:  # no contrast: fall back to the mask itself
+        return np.where(valid, mask.astype(np.float64), np.nan)
+    return (img - lo) / (hi - lo)
+
+
+def _smooth_nan(values: np.ndarray, valid: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised convolution: Gaussian smoothing that ignores invalid pixels.
+
+    Returns (smoothed values (0 where invalid), smoothed validity)."""
+    w = valid.astype(np.float64)
+    v = np.where(valid, values, 0.0)
+    if sigma > 0:
+        num = ndi.gaussian_filter(v * w, sigma, mode="constant")
+        den = ndi.gaussian_filter(w, sigma, mode="constant")
+    else:
+        num, den = v * w, w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 1e-6, num / np.maximum(den, 1e-6), 0.0)
+    return out, den
+
+
+def _features(norm: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Registration features (4, ny, nx) float32 at Gaussian scale ``sigma`` (pixels of this grid).
+
+    Channels (:data:`FEATURES`, then validity):
+
+    * ``tissue``: smoothed normalised intensity clipped to [0, 1] (0 background, 1 tissue), kept
+      near the tissue mask only (debris suppressed);
+    * ``edges_log``: gradient magnitude of ``log(intensity + 0.5)``: all boundaries with a contrast-
+      independent weight; robust for the search, but a log applied after blurring moves an edge by a
+      contrast-dependent fraction of the blur (differently in each modality);
+    * ``edges_linear``: gradient magnitude of the linear intensity, whose peak sits on the edge
+      whatever its contrast: the unbiased feature for the final levels;
+    * validity: 1 where the smoothing window lies (almost) entirely in acquired pixels; one-sided
+      smoothing at the border of a partial field of view would shift edges.
+    """
+    valid = np.isfinite(norm)
+    sm, den = _smooth_nan(norm, valid, sigma)
+    ok = valid & (den > 0.98)
+    near = ndi.binary_dilation(mask, iterations=int(math.ceil(2 + 2 * sigma))) if mask.any() else mask
+    ok_g = ndi.binary_erosion(ok, iterations=1, border_value=1)
+    tissue = np.where(ok, np.clip(sm, 0.0, 1.0) * near, 0.0)
+    out = [tissue]
+    for img in (np.log(np.clip(sm, 0.0, None) + 0.5), np.clip(sm, -1.0, 4.0)):
+        gy, gx = np.gradient(img)
+        out.append(np.where(ok_g, np.hypot(gx, gy), 0.0))
+    out.append(ok_g.astype(np.float64))
+    return np.stack(out).astype(np.float32)
+
+
+@dataclass
+class _Grid:
+    """One modality prepared for registration on a (possibly block-reduced, padded) grid.
+
+    Grid pixel ``(u, v)`` has its centre at ROI pixel ``b (u, v) + (b - 1) / 2 - pad``.
+    """
+
+    norm: np.ndarray  # (ny, nx) normalised intensity, NaN where unusable
+    mask: np.ndarray  # (ny, nx) bool tissue
+    b: int = 1  # block factor
+    pad: int = 0  # ROI pixels of padding on each side
+
+    def to_roi(self, uv: np.ndarray) -> np.ndarray:
+        """Grid pixel coordinates (n, 2) -> ROI pixel coordinates."""
+        return self.b * np.asarray(uv, dtype=np.float64) + (self.b - 1) / 2.0 - self.pad
+
+    def from_roi(self, xy: np.ndarray) -> np.ndarray:
+        """ROI pixel coordinates (n, 2) -> grid pixel coordinates."""
+        return (np.asarray(xy, dtype=np.float64) + self.pad - (self.b - 1) / 2.0) / self.b
+
+
+def _pad_coarse(img: np.ndarray, mask: np.ndarray, pad: int) -> _Grid:
+    """Coarse grid padded by ``pad`` px of background (normalised 0, valid).
+
+    Outside the ROI the coarse modality is assumed to see background, except beyond ROI borders that
+    tissue touches (the section was clipped): there the padding is NaN (unknown), so that fine tissue
+    mapped there is neither rewarded nor penalised."""
+    norm = _normalise(img, mask)
+    inside = np.pad(np.ones(mask.shape, dtype=bool), pad, constant_values=False)
+    clipped = np.pad(mask, pad, mode="edge") & ~inside
+    if clipped.any():
+        clipped = ndi.binary_dilation(clipped, iterations=2) & ~inside
+    normp = np.pad(norm, pad, constant_values=0.0)
+    normp[clipped] = np.nan
+    return _Grid(norm=normp, mask=np.pad(mask, pad, constant_values=False), b=1, pad=pad)
+
+
+def _prepare(img: np.ndarray, mask: np.ndarray, b: int) -> _Grid:
+    mean, frac = _block_mean(img, b)
+    if b == 1:
+        m = mask & np.isfinite(img)
+    else:
+        mm, _ = _block_mean(np.where(np.isfinite(img), mask.astype(np.float64), np.nan), b)
+        m = np.nan_to_num(mm) >= 0.5
+    norm = _normalise(mean, m)
+    return _Grid(norm=norm, mask=m, b=b)
+
+
+# --------------------------------------------------------------------------------------------
+# Torch core
+# --------------------------------------------------------------------------------------------
+
+
+def _weighted_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps_a: float, eps_b: float) -> torch.Tensor:
+    """Weighted NCC along the last axis. a: (B, N), b: (B or 1, N), w: (B, N). Returns (B,)."""
+    sw = w.sum(-1).clamp_min(1e-9)
+    ma = (w * a).sum(-1) / sw
+    mb = (w * b).sum(-1) / sw
+    da, db = a - ma[:, None], b - mb[:, None]
+    cov = (w * da * db).sum(-1)
+    va = (w * da * da).sum(-1) + eps_a * sw
+    vb = (w * db * db).sum(-1) + eps_b * sw
+    return cov / torch.sqrt(va * vb)
+
+
+class _Level:
+    """Features of one resolution level, ready for batched similarity evaluation.
+
+    Parameters
+    ----------
+    coarse, fine : _Grid
+    cfg : LevelConfig
+    s_work : float
+        Coarse pixels per fine working pixel.
+    device : torch.device
+    """
+
+    def __init__(self, coarse: _Grid, fine: _Grid, cfg: LevelConfig, s_work: float, device: torch.device):
+        sigma_c, spacing_c = cfg.sigma, cfg.spacing
+        self.weights = np.asarray(cfg.weights, dtype=np.float64) / float(np.sum(cfg.weights))
+        self.used = [k for k in range(len(FEATURES)) if self.weights[k] > 0]
+        self.pad = coarse.pad
+        fc = _features(coarse.norm, coarse.mask, sigma_c)
+        ff = _features(fine.norm, fine.mask, _matched_sigma(sigma_c, s_work))
+        nf = len(FEATURES)
+        # coarse channels: used features, then "invalid" (zero padding => outside the ROI counts as
+        # valid background)
+        cfe = np.concatenate([fc[self.used], 1.0 - fc[nf:]])
+        self.coarse = torch.as_tensor(cfe[None], dtype=torch.float32, device=device)
+        self.ny, self.nx = fc.shape[1:]
+        stride = max(1, int(round(spacing_c / s_work)))
+        sub = ff[:, ::stride, ::stride]
+        vv, uu = np.nonzero(sub[nf] > 0.5)
+        uv = np.stack([uu * stride, vv * stride], axis=1).astype(np.float64)
+        self.points = torch.as_tensor(fine.to_roi(uv), dtype=torch.float32, device=device)  # (N, 2) ROI px
+        self.fine_vals = torch.as_tensor(sub[self.used][:, vv, uu], dtype=torch.float32, device=device)
+        # variance floors (keep NCC finite on featureless overlaps)
+        self.eps_c = [1e-3 * float(fc[k][fc[nf] > 0.5].var() + 1e-12) for k in self.used]
+        self.eps_f = [1e-3 * float(ff[k][ff[nf] > 0.5].var() + 1e-12) for k in self.used]
+        self.w_used = torch.as_tensor(self.weights[self.used], dtype=torch.float32, device=device)
+
+    def sample(self, q: torch.Tensor) -> torch.Tensor:
+        """Coarse channels at coarse ROI pixel coordinates ``q`` (B, N, 2) -> (B, n_used + 1, N)."""
+        gx = 2.0 * (q[..., 0] + self.pad) / max(self.nx - 1, 1) - 1.0
+        gy = 2.0 * (q[..., 1] + self.pad) / max(self.ny - 1, 1) - 1.0
+        grid = torch.stack([gx, gy], dim=-1)[:, None]  # (B, 1, N, 2)
+        src = self.coarse.expand(q.shape[0], -1, -1, -1)
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return out[:, :, 0, :]
+
+    def similarity(self, q: torch.Tensor, components: bool = False) -> torch.Tensor:
+        """Weighted NCC similarity (B,) of the fine points mapped to ``q`` (B, N, 2).
+
+        With ``components=True``: a dict feature name -> NCC (B,) of the features in use."""
+        smp = self.sample(q)
+        w = (1.0 - smp[:, -1]).clamp(0.0, 1.0)
+        nccs = torch.stack([_weighted_ncc(smp[:, i], self.fine_vals[i][None], w, self.eps_c[i], self.eps_f[i])
+                            for i in range(len(self.used))], dim=-1)
+        if components:
+            return {FEATURES[k]: nccs[:, i] for i, k in enumerate(self.used)}
+        return (nccs * self.w_used).sum(-1)
+
+
+def _matched_sigma(sigma_c: float, s_work: float) -> float:
+    """Gaussian sigma (fine working px) giving the fine image the blur of the coarse one.
+
+    The blur *before* the nonlinear feature transforms must match (afterwards a symmetric blur does
+    not move an isolated edge): the coarse image is a box average over its pixel (variance 1/12
+    coarse px^2) smoothed with ``sigma_c``; the fine working grid already has a box of ``s_work``."""
+    var_f = sigma_c ** 2 + 1.0 / 12.0 - s_work ** 2 / 12.0
+    return math.sqrt(max(var_f, 0.0)) / s_work
+
+
+@dataclass
+class _Poses:
+    """A batch of poses: q = A (p - c) + t0 + delta, A = s R(theta0 + phi / r) Mirror (I + E / r)."""
+
+    theta0: torch.Tensor  # (B,)
+    mirror: torch.Tensor  # (B,) bool
+    t0: torch.Tensor  # (B, 2) coarse px
+    centre: torch.Tensor  # (2,) fine ROI px (rotation centre)
+    s: float
+    r: float  # RMS radius of the fine tissue, coarse px (parameter scaling)
+
+    def matrices(self, phi, delta, e=None):
+        th = self.theta0 + phi / self.r
+        c, sn = torch.cos(th), torch.sin(th)
+        sx = torch.where(self.mirror, -1.0, 1.0).to(c.dtype)
+        a = torch.stack([torch.stack([c * sx, -sn], -1), torch.stack([sn * sx, c], -1)], -2) * self.s
+        if e is not None:
+            eye = torch.eye(2, dtype=a.dtype, device=a.device)
+            a = a @ (eye + e / self.r)
+        return a, self.t0 + delta
+
+    def map(self, pts, phi, delta, e=None):
+        a, t = self.matrices(phi, delta, e)
+        return torch.einsum("bij,nj->bni", a, pts - self.centre) + t[:, None, :]
+
+
+def _optimise(level: _Level, poses: _Poses, *, iterations: int, lr: float, affine: bool = False,
+              init=None):
+    """Batched gradient ascent of the similarity; returns (phi, delta, e, final similarity)."""
+    b = poses.theta0.shape[0]
+    dev = poses.t0.device
+    if init is None:
+        phi = torch.zeros(b, device=dev)
+        delta = torch.zeros(b, 2, device=dev)
+        e = torch.zeros(b, 2, 2, device=dev)
+    else:
+        phi, delta, e = (x.detach().clone() for x in init[:3])
+    params = [phi.requires_grad_(), delta.requires_grad_()]
+    if affine:
+        params.append(e.requires_grad_())
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iterations, 1), eta_min=lr * 0.02)
+    for _ in range(iterations):
+        opt.zero_grad()
+        sim = level.similarity(poses.map(level.points, phi, delta, e if affine else None))
+        (-sim.sum()).backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        sim = level.similarity(poses.map(level.points, phi, delta, e if affine else None))
+    return phi.detach(), delta.detach(), e.detach(), sim
+
+
+# --------------------------------------------------------------------------------------------
+# FFT translation search
+# --------------------------------------------------------------------------------------------
+
+
+def _masked_ncc_maps(fixed: np.ndarray, moving: torch.Tensor, weights, eps_rel: float = 0.05) -> torch.Tensor:
+    """Masked NCC (Padfield 2012) for every integer translation, averaged over features.
+
+    Parameters
+    ----------
+    fixed : ndarray, shape (n + 1, H, W)
+        Padded coarse features: ``n`` feature channels, then a weight (0/1) channel.
+    moving : Tensor, shape (R, n + 1, h, w)
+        Rotated fine canvases: ``n`` feature channels, then a weight channel.
+    weights : sequence of float, length n
+        Feature weights (sum 1).
+    eps_rel : float
+        Variance floor, relative to each feature's global variance (damps the NCC of overlaps
+        where one side is nearly constant).
+
+    Returns
+    -------
+    Tensor, shape (R, H - h + 1, W - w + 1)
+        Similarity when the canvas' top-left corner sits at (sy, sx) of ``fixed``.
+    """
+    H, W = fixed.shape[1:]
+    R, c, h, w = moving.shape
+    nf = c - 1
+    fh, fw = sfft.next_fast_len(H), sfft.next_fast_len(W)
+    fx = torch.as_tensor(fixed, dtype=torch.float64)
+    mv = moving.to(torch.float64).cpu()
+
+    def ft(x):
+        return torch.fft.rfft2(x, s=(fh, fw))
+
+    def corr(fa, fb):  # sum_x A(x) B(x - s), read at s in [0, H-h] x [0, W-w] (no wrap-around)
+        return torch.fft.irfft2(fa * torch.conj(fb), s=(fh, fw))[..., :H - h + 1, :W - w + 1]
+
+    mf, mg = fx[nf], mv[:, nf]
+    f_mf, f_mg = ft(mf), ft(mg)
+    n = corr(f_mf, f_mg).clamp_min(1.0)
+    fsel, gsel = mf > 0.5, mg > 0.5
+    total = torch.zeros_like(n)
+    for k in range(nf):
+        a, g = fx[k] * mf, mv[:, k] * mg
+        fa = ft(a)
+        fg = ft(g)
+        s_f, s_ff = corr(fa, f_mg), corr(ft(a * fx[k]), f_mg)
+        s_g, s_gg = corr(f_mf, fg), corr(f_mf, ft(g * mv[:, k]))
+        num = corr(fa, fg) - s_f * s_g / n
+        var_f = (s_ff - s_f ** 2 / n).clamp_min(0.0)
+        var_g = (s_gg - s_g ** 2 / n).clamp_min(0.0)
+        vf = float(fx[k][fsel].var()) if fsel.sum() > 1 else 1.0
+        vg = float(mv[:, k][gsel].var()) if gsel.sum() > 1 else 1.0
+        total += weights[k] * num / torch.sqrt((var_f + eps_rel * vf * n + 1e-12) * (var_g + eps_rel * vg * n + 1e-12))
+    return total.float()
+
+
+def _render_canvases(fine_feats: np.ndarray, fine: _Grid, centre: np.ndarray, angles: np.ndarray,
+                     mirrors: np.ndarray, s: float, d: int, half: int, device) -> torch.Tensor:
+    """Fine features rotated into the (search) coarse frame, centred on the fine tissue centre.
+
+    Parameters
+    ----------
+    fine_feats : ndarray, shape (n + 1, nyw, nxw)
+        Features on the fine working grid, validity last.
+    angles, mirrors : ndarray, shape (R,)
+        Start rotations (radians) and mirror flags.
+    s : float
+        Coarse px per fine ROI px.
+    d : int
+        Search grid pixel, coarse px.
+    half : int
+        Canvas half size: canvas pixel (i, j) sits at coarse offset ``d * (j - half, i - half)`` from
+        the mapped centre.
+
+    Returns
+    -------
+    Tensor, shape (R, n + 1, 2 half + 1, 2 half + 1)
+    """
+    size = 2 * half + 1
+    off = d * (np.arange(size) - half).astype(np.float64)
+    ox, oy = np.meshgrid(off, off)
+    o = np.stack([ox.ravel(), oy.ravel()], axis=1)  # (P, 2) coarse px offsets
+    ny, nx = fine_feats.shape[1:]
+    grids = []
+    for th, mi in zip(angles, mirrors):
+        a = s * _rotation_matrix(float(th), bool(mi))
+        uv = fine.from_roi(o @ np.linalg.inv(a).T + centre)  # fine working grid px
+        gx = 2.0 * uv[:, 0] / max(nx - 1, 1) - 1.0
+        gy = 2.0 * uv[:, 1] / max(ny - 1, 1) - 1.0
+        grids.append(np.stack([gx, gy], axis=1).reshape(size, size, 2))
+    grid = torch.as_tensor(np.stack(grids), dtype=torch.float32, device=device)
+    src = torch.as_tensor(fine_feats[None], dtype=torch.float32, device=device).expand(len(grids), -1, -1, -1)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    ok = (out[:, -1:] > 0.99).float()
+    return torch.cat([out[:, :-1] * ok, ok], dim=1)
+
+
+def _fft_search(coarse: _Grid, fine: _Grid, centre: np.ndarray, angles, mirrors, *, s: float, s_work: float,
+                d: int, sigma_c: float, radius_c: float, min_sep_c: float, weights, device,
+                peaks_per_rotation: int = 2, chunk: int = 12):
+    """Exhaustive translation search for each start rotation (masked NCC by FFT).
+
+    Returns
+    -------
+    list of (start index, q, value)
+        ``q`` (2,): coarse px position of the fine rotation centre; up to ``peaks_per_rotation``
+        peaks per start, at least ``min_sep_c`` coarse px apart.
+    """
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    used = [k for k in range(len(FEATURES)) if w[k] > 0]
+    nf = len(FEATURES)
+    chans = used + [nf]
+    fc = _features(coarse.norm, coarse.mask, sigma_c)[chans][:, ::d, ::d]
+    ff = _features(fine.norm, fine.mask, _matched_sigma(sigma_c, s_work))[chans]
+    hs, ws = fc.shape[1:]
+    half = int(math.ceil(radius_c / d)) + 1
+    size = 2 * half + 1
+    fixed = np.zeros((len(chans), hs + 2 * size, ws + 2 * size), dtype=np.float64)
+    fixed[-1] = 1.0  # outside the coarse ROI: background, counted
+    fixed[:, size:size + hs, size:size + ws] = fc
+    # canvas top-left at (sy, sx)  =>  centre at search index (sx + half - size, sy + half - size)
+    o0 = size - half
+    cands = []
+    sep = max(1, int(round(min_sep_c / d)))
+    for c0 in range(0, len(angles), chunk):
+        canv = _render_canvases(ff, fine, centre, angles[c0:c0 + chunk], mirrors[c0:c0 + chunk],
+                                s, d, half, device)
+        maps = _masked_ncc_maps(fixed, canv, w[used])
+        maps = maps[:, o0:o0 + hs, o0:o0 + ws].clone()  # the centre stays inside the coarse ROI
+        for r in range(maps.shape[0]):
+            m = maps[r]
+            for _ in range(peaks_per_rotation):
+                idx = int(torch.argmax(m))
+                val = float(m.view(-1)[idx])
+                if not math.isfinite(val) or val <= -1.0:
+                    break
+                iy, ix = divmod(idx, m.shape[1])
+                q = coarse.to_roi([[d * ix + (d - 1) / 2.0, d * iy + (d - 1) / 2.0]])[0]
+                cands.append((c0 + r, q, val))
+                m[max(0, iy - sep):iy + sep + 1, max(0, ix - sep):ix + sep + 1] = -2.0
+    return cands
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _pose_distance(a1, q1, a2, q2, cov):
+    """RMS distance (coarse px) between two poses' images of the fine tissue (centre-relative)."""
+    da = a1 - a2
+    return math.sqrt(float(np.sum((q1 - q2) ** 2)) + float(np.trace(da @ cov @ da.T)))
+
+
+def _check_pair(img, mask, name):
+    img = np.asarray(img, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if img.ndim != 2:
+        raise InputError(f"register_pair: {name} image must be 2-D (ny, nx), got shape {img.shape}")
+    if mask.shape != img.shape:
+        raise InputError(f"register_pair: {name} mask shape {mask.shape} != image shape {img.shape}")
+    return img, mask & np.isfinite(img)
+
+
+def _failed(coarse_shape, fine_shape, coarse_px, fine_px, model, why) -> Registration:
+    log.warning("register_pair: %s; registration not possible", why)
+    s = fine_px / coarse_px
+    cy, cx = (np.asarray(coarse_shape) - 1) / 2.0
+    fy, fx = (np.asarray(fine_shape) - 1) / 2.0
+    m = np.array([[s, 0.0, cx - s * fx], [0.0, s, cy - s * fy]])
+    return Registration(matrix=m, rotation_deg=0.0, translation_um=(m[0, 2] * coarse_px, m[1, 2] * coarse_px),
+                        scale=s, mirror=False, score=0.0, ncc=0.0, margin=0.0, passed=False,
+                        coarse_px_um=coarse_px, fine_px_um=fine_px, model=model,
+                        coarse_shape=tuple(coarse_shape), fine_shape=tuple(fine_shape),
+                        details={"reason": why})
+
+
+def register_pair(
+    coarse_img: np.ndarray,
+    coarse_mask: np.ndarray,
+    coarse_px_um: float,
+    fine_img: np.ndarray,
+    fine_mask: np.ndarray,
+    fine_px_um: float,
+    *,
+    model: str = "rigid",
+    n_starts: int = 36,
+    mirror: bool = False,
+    iterations: int = 60,
+    min_score: float = 0.5,
+    min_margin: float = 0.05,
+    n_refine: int = 4,
+    check_mirror: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> Registration:
+    """Register a fine-modality ROI image onto a coarse-modality ROI image of the same section.
+
+    Parameters
+    ----------
+    coarse_img : ndarray, shape (nyc, nxc)
+        Total-ion-like image of the coarse modality (e.g. sum of NMF maps); NaN where not acquired.
+    coarse_mask : ndarray of bool, shape (nyc, nxc)
+        Tissue mask of the coarse image (:func:`msifusion.tissue.tissue_mask`).
+    coarse_px_um : float
+        Coarse pixel size, micrometres.
+    fine_img : ndarray, shape (nyf, nxf)
+        Total-ion-like image of the fine modality; NaN where not acquired (partial field of view).
+    fine_mask : ndarray of bool, shape (nyf, nxf)
+        Tissue mask of the fine image.
+    fine_px_um : float
+        Fine pixel size, micrometres (smaller than or equal to ``coarse_px_um``).
+    model : {"rigid", "affine"}
+        Rigid: rotation + translation, scale fixed by the pixel sizes. Affine: the rigid result
+        refined with a free 2 x 2 matrix.
+    n_starts : int
+        Start rotations, evenly spaced over 360 degrees.
+    mirror : bool
+        Also try the mirrored fine image (a section mounted upside down).
+    check_mirror : bool
+        With ``mirror=False``, still evaluate mirrored placements as alternatives: when one fits
+        better than the best unmirrored one, the margin is negative and the pair fails.
+    iterations : int
+        Gradient steps per refinement level.
+    min_score : float
+        Smallest Dice coefficient of the registered tissue masks that passes.
+    min_margin : float
+        Smallest similarity gap to the best alternative placement (one mapping the fine tissue more
+        than a few coarse pixels elsewhere) that passes.
+    n_refine : int
+        Distinct candidates refined on the finer levels.
+    seed : int
+        Seed of the torch generator (the search itself is deterministic).
+    device : str or torch.device, optional
+        Default: ``"cuda"`` when available, else ``"cpu"``.
+
+    Returns
+    -------
+    Registration
+        ``passed=False`` (never an exception) when the images do not support a confident answer.
+    """
+    if model not in ("rigid", "affine"):
+        raise InputError(f"register_pair: model must be 'rigid' or 'affine', got {model!r}")
+    coarse_px, fine_px = float(coarse_px_um), float(fine_px_um)
+    if not (coarse_px > 0 and fine_px > 0 and math.isfinite(coarse_px) and math.isfinite(fine_px)):
+        raise InputError(f"register_pair: pixel sizes must be positive, got coarse={coarse_px_um}, "
+                         f"fine={fine_px_um}")
+    if n_starts < 1:
+        raise InputError(f"register_pair: n_starts must be >= 1, got {n_starts}")
+    cimg, cmask = _check_pair(coarse_img, coarse_mask, "coarse")
+    fimg, fmask = _check_pair(fine_img, fine_mask, "fine")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    if cmask.sum() < 4:
+        return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model, "coarse tissue mask is empty")
+    if fmask.sum() < 4:
+        return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model, "fine tissue mask is empty")
+
+    s = fine_px / coarse_px  # coarse px per fine px
+    b = max(1, int(math.floor(0.5 / s + 1e-9)))  # fine working pixel ~ coarse / 2
+    s_work = s * b  # coarse px per working px
+    coarse = _pad_coarse(cimg, cmask, COARSE_PAD)
+    fine = _prepare(fimg, fmask, b)
+    if fine.mask.sum() < 4:
+        return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model, "fine tissue too small")
+
+    # tissue geometry (fine ROI px): rotation centre, covariance, radius in coarse px
+    fy, fx = np.nonzero(fmask)
+    pts = np.stack([fx, fy], axis=1).astype(np.float64)
+    centre = pts.mean(axis=0)
+    cov = np.cov(pts.T, bias=True) + np.eye(2) * (1.0 / 12.0)
+    r_rms = max(1.0, s * math.sqrt(float(np.trace(cov))))
+    vy, vx = np.nonzero(np.isfinite(fimg))
+    radius_c = s * float(np.sqrt(((np.stack([vx, vy], 1) - centre) ** 2).sum(1)).max()) + 3.0
+    far = max(3.0, 0.1 * r_rms)  # pose distance (coarse px) beyond which two solutions differ
+
+    # 1. FFT translation search for every start rotation (and mirror)
+    angles = np.arange(n_starts) * (2 * math.pi / n_starts)
+    mirrors = np.zeros(n_starts, dtype=bool)
+    if mirror or check_mirror:
+        angles = np.concatenate([angles, angles])
+        mirrors = np.concatenate([mirrors, np.ones(n_starts, dtype=bool)])
+    d = max(1, int(math.ceil(max(cimg.shape) / 160.0)))
+    sigma_search = LEVEL_START.sigma * d
+    cands = _fft_search(coarse, fine, centre, angles, mirrors, s=s, s_work=s_work, d=d, sigma_c=sigma_search,
+                        radius_c=radius_c, min_sep_c=far, weights=LEVEL_START.weights, device=dev)
+    if not cands:
+        return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model, "no candidate placement")
+    log.info("register_pair: %d candidates from %d start rotations (FFT search, best %.3f)",
+             len(cands), len(angles), max(c[2] for c in cands))
+
+    centre_t = torch.as_tensor(centre, dtype=torch.float32, device=dev)
+
+    def poses_of(idx_theta, mirror_flags, q0):
+        return _Poses(theta0=torch.as_tensor(idx_theta, dtype=torch.float32, device=dev),
+                      mirror=torch.as_tensor(mirror_flags, dtype=torch.bool, device=dev),
+                      t0=torch.as_tensor(np.asarray(q0), dtype=torch.float32, device=dev),
+                      centre=centre_t, s=s, r=r_rms)
+
+    def pose_arrays(poses, phi, delta, e=None):
+        a, t = poses.matrices(phi, delta, e)
+        return a.double().cpu().numpy(), t.double().cpu().numpy()
+
+    # 2. batched refinement of all starts at a coarse level
+    cfg = LEVEL_START
+    lv0 = _Level(coarse, fine, cfg, s_work, dev)
+    p0 = poses_of([angles[c[0]] for c in cands], [mirrors[c[0]] for c in cands], [c[1] for c in cands])
+    phi, delta, e, sim0 = _optimise(lv0, p0, iterations=iterations, lr=cfg.lr)
+    a_all, q_all = pose_arrays(p0, phi, delta)
+    sim0 = sim0.double().cpu().numpy()
+    allowed = np.array([mirror or not mirrors[c[0]] for c in cands])
+    order = np.argsort(-sim0)
+    best = int(next(i for i in order if allowed[i]))
+    dists = np.array([_pose_distance(a_all[best], q_all[best], a_all[i], q_all[i], cov) for i in range(len(cands))])
+    far_sims = sim0[dists > far]
+    margin0 = float(sim0[best] - far_sims.max()) if far_sims.size else 1.0
+    # distinct candidates for the finer levels (greedy non-maximum suppression); when mirrors are
+    # only checked, the best two mirrored placements are refined as alternatives
+    keep = []
+    quota = {True: n_refine, False: 2 if not mirror else 0}
+    for i in order:
+        if quota[bool(allowed[i])] > 0 and all(
+                _pose_distance(a_all[i], q_all[i], a_all[j], q_all[j], cov) > far for j in keep):
+            keep.append(int(i))
+            quota[bool(allowed[i])] -= 1
+    log.info("register_pair: level 0 best %.3f, margin %.3f, %d distinct candidates", sim0[best], margin0,
+             len(keep))
+
+    # 3. finer levels on the distinct candidates; the best one wins and is polished
+    theta_k = (p0.theta0[keep] + phi[keep] / r_rms).cpu().numpy()
+    p1 = poses_of(theta_k, mirrors[[cands[i][0] for i in keep]], q_all[keep])
+    state = None
+    for cfg in LEVELS_REFINE:
+        lv = _Level(coarse, fine, cfg, s_work, dev)
+        state = _optimise(lv, p1, iterations=iterations, lr=cfg.lr, init=state)
+    phi1, delta1, e1, sim1 = state
+    a_k, q_k = pose_arrays(p1, phi1, delta1)
+    sim1 = sim1.double().cpu().numpy()
+    w = int(np.argmax(np.where(allowed[keep], sim1, -np.inf)))
+    others = [sim1[j] for j in range(len(keep)) if _pose_distance(a_k[w], q_k[w], a_k[j], q_k[j], cov) > far]
+    margin = float(sim1[w] - max(others)) if others else margin0
+    sel = [w]
+    p2 = poses_of(p1.theta0[sel].cpu().numpy(), p1.mirror[sel].cpu().numpy(), p1.t0[sel].cpu().numpy())
+    state = (phi1[sel], delta1[sel], e1[sel], None)
+    for cfg in LEVELS_POLISH:
+        lv = _Level(coarse, fine, cfg, s_work, dev)
+        state = _optimise(lv, p2, iterations=iterations, lr=cfg.lr, init=state)
+    if model == "affine":
+        state = _optimise(lv, p2, iterations=2 * iterations, lr=LEVELS_POLISH[-1].lr, affine=True, init=state)
+    phi_f, delta_f, e_f, _ = state
+    e_use = e_f if model == "affine" else None
+    q_pts = p2.map(lv.points, phi_f, delta_f, e_use)
+    with torch.no_grad():
+        comps = {k: float(v[0]) for k, v in lv.similarity(q_pts, components=True).items()}
+        ncc = float(lv.similarity(q_pts)[0])
+    a_fin, q_fin = pose_arrays(p2, phi_f, delta_f, e_use)
+    a_fin, q_fin = a_fin[0], q_fin[0]
+    matrix = np.concatenate([a_fin, (q_fin - a_fin @ centre)[:, None]], axis=1)
+    mirrored = bool(p2.mirror[0])
+
+    dice = _dice(coarse, fmask, np.isfinite(fimg), matrix, fine.b)
+    rot = a_fin @ np.diag([-1.0, 1.0]) if mirrored else a_fin  # rotation (x scale) part
+    theta = math.degrees(math.atan2(rot[1, 0] - rot[0, 1], rot[0, 0] + rot[1, 1]))
+    scale = math.sqrt(abs(float(np.linalg.det(a_fin))))
+    passed = bool(dice >= min_score and margin >= min_margin)
+    reg = Registration(
+        matrix=matrix, rotation_deg=_wrap_deg(theta),
+        translation_um=(float(matrix[0, 2] * coarse_px), float(matrix[1, 2] * coarse_px)),
+        scale=scale, mirror=mirrored, score=float(dice), ncc=ncc, margin=margin,
+        passed=passed, coarse_px_um=coarse_px, fine_px_um=fine_px, model=model,
+        coarse_shape=tuple(cimg.shape), fine_shape=tuple(fimg.shape),
+        details={"n_candidates": len(cands), "level0_best": float(sim0[best]), "level0_margin": margin0,
+                 **{f"ncc_{k}": v for k, v in comps.items()},
+                 "min_score": float(min_score), "min_margin": float(min_margin),
+                 "fine_block": int(b), "search_block": int(d)},
+    )
+    log.info("register_pair: rotation %.2f deg, mirror %s, dice %.3f, ncc %.3f, margin %.3f -> %s",
+             reg.rotation_deg, reg.mirror, dice, ncc, margin, "passed" if passed else "FAILED")
+    return reg
+
+
+def _dice(coarse: _Grid, fmask, fvalid, matrix, b):
+    """Dice of the fine tissue mask and the coarse mask sampled at the mapped fine pixels.
+
+    Evaluated on the fine field of view (block-reduced by ``b``) where the coarse modality is known
+    (acquired, or background outside its ROI)."""
+    fm, _ = _block_mean(np.where(fvalid, fmask.astype(np.float64), np.nan), b)
+    ok = np.isfinite(fm)
+    vv, uu = np.nonzero(ok)
+    uv = np.stack([uu, vv], 1) * b + (b - 1) / 2.0
+    g = coarse.from_roi(transform_points(matrix, uv))
+    coords = [g[:, 1], g[:, 0]]
+    cm = ndi.map_coordinates(coarse.mask.astype(np.float64), coords, order=1, mode="constant", cval=0.0)
+    unknown = ndi.map_coordinates((~np.isfinite(coarse.norm)).astype(np.float64), coords, order=1,
+                                  mode="constant", cval=0.0)
+    use = unknown < 0.5
+    a = fm[ok][use] >= 0.5
+    c = cm[use] >= 0.5
+    tot = a.sum() + c.sum()
+    return float(2.0 * np.logical_and(a, c).sum() / tot) if tot else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Resampling and QC plot
+# --------------------------------------------------------------------------------------------
+
+
+def warp_to_coarse(fine_stack: np.ndarray, matrix: np.ndarray, coarse_shape: tuple[int, int],
+                   *, upsample: int = 1) -> np.ndarray:
+    """Sample fine images at coarse pixel positions (anti-aliased, bilinear); NaN outside the fine FOV.
+
+    Parameters
+    ----------
+    fine_stack : ndarray, shape (k, nyf, nxf) or (nyf, nxf)
+        Fine images (NaN where not acquired).
+    matrix : ndarray, shape (2, 3)
+        Fine ROI pixel -> coarse ROI pixel map.
+    coarse_shape : (nyc, nxc)
+        Shape of the coarse ROI.
+    upsample : int
+        Output pixels per coarse pixel along each axis (for display).
+
+    Returns
+    -------
+    ndarray, float32, shape (k, nyc * upsample, nxc * upsample) (or 2-D for a 2-D input)
+        Point samples of the Gaussian-smoothed fine images (sigma: half an output pixel).
+    """
+    stack = np.asarray(fine_stack, dtype=np.float64)
+    two_d = stack.ndim == 2
+    if two_d:
+        stack = stack[None]
+    nyc, nxc = coarse_shape
+    u = int(upsample)
+    oy, ox = np.mgrid[0:nyc * u, 0:nxc * u].astype(np.float64)
+    q = np.stack([(ox.ravel() - (u - 1) / 2.0) / u, (oy.ravel() - (u - 1) / 2.0) / u], 1)
+    p = transform_points(invert(matrix), q)
+    scale = math.sqrt(abs(np.linalg.det(np.asarray(matrix)[:, :2])))  # coarse px per fine px
+    sigma = 0.5 / (scale * u) if scale * u < 1 else 0.0
+    out = np.empty((stack.shape[0], nyc * u, nxc * u), dtype=np.float32)
+    for k, img in enumerate(stack):
+        sm, den = _smooth_nan(img, np.isfinite(img), sigma)
+        val = ndi.map_coordinates(sm, [p[:, 1], p[:, 0]], order=1, mode="constant", cval=0.0)
+        wgt = ndi.map_coordinates(den, [p[:, 1], p[:, 0]], order=1, mode="constant", cval=0.0)
+        out[k] = np.where(wgt > 0.5, val, np.nan).reshape(nyc * u, nxc * u)
+    return out[0] if two_d else out
+
+
+def plot_overlay(coarse_img: np.ndarray, fine_img: np.ndarray, reg: Registration, path) -> None:
+    """Write a QC PNG: coarse image (grey) with the registered fine image, as an edge overlay and a
+    checkerboard, the score in the title.
+
+    Parameters
+    ----------
+    coarse_img : ndarray, shape (nyc, nxc)
+    fine_img : ndarray, shape (nyf, nxf)
+    reg : Registration
+    path : path-like
+        Output PNG (written through :func:`msifusion.store.atomic_output`).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.feature import canny
+
+    from .store import atomic_output
+
+    u = int(max(1, min(8, round(600 / max(coarse_img.shape)))))
+    warped = warp_to_coarse(fine_img, reg.matrix, coarse_img.shape, upsample=u)
+    big = np.kron(np.asarray(coarse_img, dtype=np.float64), np.ones((u, u)))
+
+    def scaled(a):
+        v = np.log1p(np.clip(np.where(np.isfinite(a), a, np.nan), 0, None))
+        lo, hi = np.nanpercentile(v, [1, 99]) if np.isfinite(v).any() else (0.0, 1.0)
+        return np.clip((v - lo) / max(hi - lo, 1e-12), 0, 1)
+
+    cs, ws = scaled(big), scaled(warped)
+    edges = canny(np.nan_to_num(ws), sigma=max(1.0, u / 2.0)) & np.isfinite(ws)
+    rgb = np.dstack([np.nan_to_num(cs)] * 3)
+    rgb[edges] = (1.0, 0.1, 0.8)
+    tile = max(4, u * 4)
+    yy, xx = np.mgrid[0:cs.shape[0], 0:cs.shape[1]]
+    check = ((yy // tile + xx // tile) % 2 == 0) & np.isfinite(ws)
+    chk = np.where(check, ws, cs)
+    fig, ax = plt.subplots(1, 2, figsize=(11, 5.5))
+    ax[0].imshow(rgb, interpolation="nearest")
+    ax[0].set_title("coarse + fine edges (magenta)")
+    ax[1].imshow(chk, cmap="gray", interpolation="nearest")
+    ax[1].set_title("checkerboard coarse / fine")
+    for a in ax:
+        a.set_axis_off()
+    fig.suptitle(f"{'PASSED' if reg.passed else 'FAILED'}  Dice {reg.score:.3f}  NCC {reg.ncc:.3f}  "
+                 f"margin {reg.margin:.3f}  rot {reg.rotation_deg:.1f} deg  mirror {reg.mirror}")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

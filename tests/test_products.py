@@ -1,0 +1,142 @@
+"""Tests of msifusion.products: ion images, ROI spectra, fused HDF5, PNG/TIFF and figures."""
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+from matplotlib.image import imread
+
+from msifusion.errors import InputError
+from msifusion.products import (ion_image, mz_window, plot_components, plot_spectrum, read_fused,
+                                roi_mean_spectrum, save_image_png, save_tiff, write_fused)
+
+MZ = np.array([100.0, 100.0004, 100.01, 200.0, 300.0])
+SPECTRA = np.array([[1.0, 2.0, 4.0, 0.0, 1.0],
+                    [0.0, 3.0, 0.0, 5.0, 0.0]])
+
+
+def small_maps():
+    maps = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    maps[:, 0, 0] = np.nan
+    return maps
+
+
+def test_mz_window_in_ppm():
+    # 5 ppm of 100 = 0.0005: 100.0004 is inside, 100.01 (100 ppm) outside
+    np.testing.assert_array_equal(mz_window(MZ, 100.0, 5), [True, True, False, False, False])
+    np.testing.assert_array_equal(mz_window(MZ, 100.0, 150), [True, True, True, False, False])
+
+
+def test_ion_image_equals_hand_computation():
+    maps = small_maps()
+    img = ion_image(SPECTRA, MZ, maps, 100.0, 5)
+    # weights: component 0 -> 1 + 2 = 3, component 1 -> 0 + 3 = 3
+    expected = 3.0 * maps[0] + 3.0 * maps[1]
+    np.testing.assert_allclose(img, expected)
+    assert np.isnan(img[0, 0])
+    img2 = ion_image(SPECTRA, MZ, maps, 200.0, 10)
+    np.testing.assert_allclose(img2[1:], 5.0 * maps[1][1:])
+    with pytest.raises(InputError, match="nearest is 300"):
+        ion_image(SPECTRA, MZ, maps, 301.0, 10)
+
+
+def test_roi_mean_spectrum_skips_unacquired_pixels():
+    maps = small_maps()
+    mask = np.zeros((3, 4), bool)
+    mask[0, :2] = True                                      # (0, 0) is NaN -> only (0, 1) counts
+    np.testing.assert_allclose(roi_mean_spectrum(SPECTRA, maps, mask), maps[:, 0, 1] @ SPECTRA)
+    mask[1, 1] = True
+    expected = (maps[:, 0, 1] @ SPECTRA + maps[:, 1, 1] @ SPECTRA) / 2
+    np.testing.assert_allclose(roi_mean_spectrum(SPECTRA, maps, mask), expected)
+    only_nan = np.zeros((3, 4), bool)
+    only_nan[0, 0] = True
+    with pytest.raises(InputError, match="no acquired pixel"):
+        roi_mean_spectrum(SPECTRA, maps, only_nan)
+
+
+def test_fused_product_round_trip(tmp_path):
+    path = tmp_path / "sec1" / "fused_MALDI.h5"
+    maps = small_maps()
+    write_fused(path, maps, SPECTRA, MZ, origin_xy=(5, 7), pixel_size_um=20.0,
+                reference="FT-ICR", extra={"cv_r": np.array([0.9, 0.8]), "method": "ridge"})
+    out = read_fused(path)
+    np.testing.assert_array_equal(out["maps"], maps)
+    assert out["maps"].dtype == np.float32 and out["spectra"].dtype == np.float32
+    np.testing.assert_array_equal(out["spectra"], SPECTRA.astype(np.float32))
+    np.testing.assert_array_equal(out["mz"], MZ)
+    assert out["mz"].dtype == np.float64
+    assert out["origin_xy"] == (5, 7) and out["pixel_size_um"] == 20.0
+    assert out["reference"] == "FT-ICR"
+    np.testing.assert_allclose(out["extra"]["cv_r"], [0.9, 0.8])
+    assert out["extra"]["method"] == "ridge"
+    # the layout of docs/design.md
+    with h5py.File(path, "r") as f:
+        assert set(f) >= {"maps", "spectra", "mz"}
+        assert {"origin_xy", "pixel_size_um", "reference"} <= set(f.attrs)
+    assert [p for p in os.listdir(path.parent) if p.endswith(".part")] == []
+
+
+def test_fused_write_is_atomic_and_checks_shapes(tmp_path):
+    path = tmp_path / "fused.h5"
+    with pytest.raises(InputError, match="do not match"):
+        write_fused(path, small_maps(), SPECTRA[:, :3], MZ, origin_xy=(0, 0), pixel_size_um=1,
+                    reference="x")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "other.h5").write_bytes(b"not hdf5")
+    with pytest.raises(InputError, match="cannot be read"):
+        read_fused(tmp_path / "other.h5")
+    with pytest.raises(InputError, match="not found"):
+        read_fused(tmp_path / "missing.h5")
+
+
+def test_tiff_values_and_resolution(tmp_path):
+    img = np.random.default_rng(0).random((6, 9)).astype(np.float32)
+    img[2, 3] = np.nan
+    path = tmp_path / "ion.tif"
+    save_tiff(img, path, pixel_size_um=20.0)
+    back = tifffile.imread(path)
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, img)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        num, den = page.tags["XResolution"].value
+        assert num / den == pytest.approx(1 / 20.0)          # pixels per um
+        assert tf.imagej_metadata["unit"] == "um"
+    save_tiff(img, tmp_path / "nopx.tif", pixel_size_um=float("nan"))   # still written
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "nopx.tif"), img)
+    stack = np.stack([img, 2 * img])
+    save_tiff(stack, tmp_path / "stack.tif", pixel_size_um=5.0)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "stack.tif"), stack)
+
+
+def test_png_written_with_nan_and_readable(tmp_path):
+    img = np.random.default_rng(1).random((30, 40))
+    img[:5, :5] = np.nan
+    path = tmp_path / "ion.png"
+    save_image_png(img, path, pixel_size_um=20.0, title="m/z 100 +- 5 ppm", label="a.u.")
+    rgba = imread(path)
+    assert rgba.ndim == 3 and rgba.shape[0] > 100 and rgba.shape[1] > 100
+    assert rgba[..., :3].std() > 0.05                       # not a blank image
+    const = np.ones((10, 10))                               # constant image must not fail
+    save_image_png(const, tmp_path / "const.png", pixel_size_um=1.0, title="")
+    assert (tmp_path / "const.png").stat().st_size > 0
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".part")] == []
+
+
+def test_spectrum_and_component_figures(tmp_path):
+    spec = tmp_path / "spectra.png"
+    plot_spectrum(MZ, {"FT-ICR": SPECTRA[0], "MALDI": (MZ[:3], SPECTRA[1, :3])}, spec,
+                  title="ROI mean", targets=[100.0])
+    assert imread(spec).shape[0] > 100
+    with pytest.raises(InputError, match="MALDI"):
+        plot_spectrum(MZ, {"MALDI": (MZ[:2], SPECTRA[1, :3])}, tmp_path / "bad.png", title="")
+    comp = tmp_path / "components.png"
+    maps = np.abs(np.random.default_rng(2).standard_normal((3, 20, 25)))
+    maps[:, 0, :] = np.nan
+    spectra = np.abs(np.random.default_rng(3).standard_normal((3, 5)))
+    plot_components(maps, spectra, MZ, comp, pixel_size_um=10.0, max_components=2)
+    h = imread(comp).shape[0]
+    plot_components(maps, spectra, MZ, tmp_path / "all.png", pixel_size_um=10.0, max_components=8)
+    assert imread(tmp_path / "all.png").shape[0] > h      # one more row drawn

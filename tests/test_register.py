@@ -1,0 +1,313 @@
+"""Tests of msifusion.register on phantom sections with a known transform.
+
+The phantom is a continuous, asymmetric tissue shape (ellipse + lobe - notch) with internal
+regions. Both modalities render it by box integration over their pixels, with different intensity
+levels per region (one region inverts its contrast), different backgrounds and noise. The fine
+image is rendered through a known fine -> coarse pixel map, optionally seeing only part of the
+section (partial field of view, NaN elsewhere).
+
+``make_pair`` is also used by ``benchmarks/bench_register.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from msifusion import register as reg_mod
+from msifusion.register import Registration, compose, invert, register_pair, transform_points
+from msifusion.tissue import tissue_mask
+
+
+# ------------------------------------------------------------------------------------------
+# phantom
+# ------------------------------------------------------------------------------------------
+
+
+def _ellipse(x, y, cx, cy, a, b, ang):
+    c, s = math.cos(ang), math.sin(ang)
+    u = (x - cx) * c + (y - cy) * s
+    v = -(x - cx) * s + (y - cy) * c
+    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+
+
+class Phantom:
+    """Section in physical coordinates (um, centred on 0) with per-modality intensities."""
+
+    def __init__(self, radius_um: float, rng: np.random.Generator, kind: int = 0):
+        r = radius_um
+        self.r = r
+        self.kind = kind
+        self.orient = rng.uniform(0, 2 * math.pi)
+        # regions: (cx, cy, a, b, angle) in units of r, in section coordinates before orientation
+        self.regions = [(-0.25, 0.05, 0.35, 0.22, 0.4), (0.35, -0.2, 0.25, 0.15, -0.7),
+                        (0.1, 0.35, 0.18, 0.12, 1.2), (0.8, 0.45, 0.2, 0.2, 0.0)]
+
+    def _rot(self, x, y):
+        c, s = math.cos(self.orient), math.sin(self.orient)
+        return (x * c + y * s) / self.r, (-x * s + y * c) / self.r
+
+    def tissue(self, x, y):
+        u, v = self._rot(x, y)
+        if self.kind == 0:
+            t = _ellipse(u, v, 0, 0, 1.0, 0.62, 0.0) | _ellipse(u, v, 0.75, 0.45, 0.42, 0.42, 0.0)
+            t &= ~_ellipse(u, v, -0.95, -0.25, 0.3, 0.3, 0.0)
+        else:  # an unrelated shape: a bent bar
+            t = _ellipse(u, v, 0, 0, 1.1, 0.22, 0.0) | _ellipse(u, v, 0.9, 0.5, 0.2, 0.6, 0.0)
+        return t
+
+    def intensity(self, x, y, levels, base, background):
+        u, v = self._rot(x, y)
+        t = self.tissue(x, y)
+        out = np.where(t, base, background).astype(np.float64)
+        for (cx, cy, a, b, ang), lev in zip(self.regions, levels):
+            out += np.where(t & _ellipse(u, v, cx, cy, a, b, ang), lev, 0.0)
+        return out
+
+
+def _render(ph, shape, to_phys, ss, levels, base, background):
+    """Box-integrate the phantom over pixels; ``to_phys`` maps pixel coords (n, 2) -> um."""
+    ny, nx = shape
+    off = (np.arange(ss) + 0.5) / ss - 0.5
+    acc = np.zeros(shape)
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    for dy in off:
+        for dx in off:
+            p = to_phys(np.stack([(xx + dx).ravel(), (yy + dy).ravel()], 1))
+            acc += ph.intensity(p[:, 0], p[:, 1], levels, base, background).reshape(shape)
+    return acc / ss ** 2
+
+
+def make_pair(ratio, rotation_deg, shift_um=(0.0, 0.0), *, coarse_px=80.0, coarse_shape=(40, 50),
+              radius_px=15.0, fov="full", seed=0, kind_fine=0, mirror=False, fine_shape=None,
+              noise=0.08, levels=((0.8, -0.5, 1.2, 0.6), (-0.4, 0.9, 0.5, 2.0))):
+    """Coarse/fine phantom pair with a known fine -> coarse pixel matrix.
+
+    Parameters
+    ----------
+    ratio : float
+        coarse_px / fine_px.
+    rotation_deg : float
+        Rotation of the fine frame in the coarse frame.
+    shift_um : (float, float)
+        Offset of the fine FOV centre from the section centre (um).
+    fov : {"full", "half", "none"}
+        Fine field of view: the whole section, about half of it, or off the tissue.
+    kind_fine : int
+        0: same section; 1: an unrelated shape in the fine image.
+
+    Returns
+    -------
+    dict with coarse_img, coarse_mask, fine_img, fine_mask, coarse_px, fine_px, matrix (true).
+    """
+    rng = np.random.default_rng(seed)
+    fine_px = coarse_px / ratio
+    nyc, nxc = coarse_shape
+    r_um = radius_px * coarse_px
+    ph = Phantom(r_um, rng)
+    centre_c = np.array([(nxc - 1) / 2.0, (nyc - 1) / 2.0]) + rng.uniform(-2, 2, 2)  # section centre, coarse px
+
+    def coarse_to_phys(p):
+        return (p - centre_c) * coarse_px
+
+    coarse = _render(ph, (nyc, nxc), coarse_to_phys, 8, levels=levels[0], base=1.0,
+                     background=0.04)
+    coarse *= 1 + noise * rng.standard_normal(coarse.shape)
+    coarse += 0.25 * noise * rng.standard_normal(coarse.shape)
+    coarse = np.clip(coarse, 0, None)
+
+    # fine grid: size and true matrix
+    ext = 2.0 * 1.35 * r_um  # um covering the section at any rotation
+    if fine_shape is None:
+        n = int(math.ceil(ext / fine_px))
+        fine_shape = (n, n) if fov != "half" else (n // 2, n)
+    nyf, nxf = fine_shape
+    th = math.radians(rotation_deg)
+    a = (fine_px / coarse_px) * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    if mirror:
+        a = a @ np.diag([-1.0, 1.0])
+    fine_centre = np.array([(nxf - 1) / 2.0, (nyf - 1) / 2.0])
+    target = np.array(shift_um, dtype=np.float64)
+    if fov == "half":  # FOV centre on one half of the section
+        target = target + np.array([0.0, -0.45 * r_um])
+        # rotate the half-size FOV with the frame so that it covers about half the section
+        target = _rot2(th) @ target if not mirror else target
+    if fov == "none":
+        target = target + np.array([2.5 * r_um, 0.0])
+    t = centre_c + target / coarse_px - a @ fine_centre
+    m_true = np.concatenate([a, t[:, None]], 1)
+    ph_f = ph if kind_fine == 0 else Phantom(r_um, rng, kind=1)
+
+    def fine_to_phys(p):
+        return coarse_to_phys(transform_points(m_true, p))
+
+    fine = _render(ph_f, (nyf, nxf), fine_to_phys, 2, levels=levels[1], base=0.7,
+                   background=0.1)
+    fine *= 1 + noise * rng.standard_normal(fine.shape)
+    fine += 0.4 * noise * rng.standard_normal(fine.shape)
+    fine = np.clip(fine, 0, None)
+    if fov == "half":  # also a non-acquired corner
+        fine[: nyf // 5, : nxf // 6] = np.nan
+    return dict(coarse_img=coarse, coarse_mask=tissue_mask(coarse), fine_img=fine,
+                fine_mask=tissue_mask(fine), coarse_px=coarse_px, fine_px=fine_px, matrix=m_true)
+
+
+def _rot2(th):
+    return np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+
+
+def errors(pair, reg):
+    """(rotation error deg, RMS and max mapped-position error over fine tissue, coarse px)."""
+    m_true, m_est = pair["matrix"], reg.matrix
+    yy, xx = np.nonzero(pair["fine_mask"])
+    p = np.stack([xx, yy], 1).astype(np.float64)
+    d = np.linalg.norm(transform_points(m_true, p) - transform_points(m_est, p), axis=1)
+    rot_err = abs((reg.rotation_deg - _true_rotation(m_true, reg.mirror) + 180) % 360 - 180)
+    return rot_err, float(np.sqrt((d ** 2).mean())), float(d.max())
+
+
+def _true_rotation(m, mirror):
+    a = m[:, :2] @ np.diag([-1.0, 1.0]) if mirror else m[:, :2]
+    return math.degrees(math.atan2(a[1, 0] - a[0, 1], a[0, 0] + a[1, 1]))
+
+
+def run_pair(pair, **kw):
+    return register_pair(pair["coarse_img"], pair["coarse_mask"], pair["coarse_px"], pair["fine_img"],
+                         pair["fine_mask"], pair["fine_px"], **kw)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio, rot, shift, fov, seed", [
+    (2, 137.0, (120.0, -60.0), "full", 1),
+    (4, -71.3, (-200.0, 90.0), "half", 2),
+    (10, 251.9, (40.0, 150.0), "full", 3),
+])
+def test_register_recovers_known_transform(ratio, rot, shift, fov, seed):
+    pair = make_pair(ratio, rot, shift, fov=fov, seed=seed)
+    reg = run_pair(pair)
+    rot_err, rms, mx = errors(pair, reg)
+    assert reg.passed, (reg.score, reg.margin)
+    assert rot_err <= 0.5, rot_err
+    assert rms <= 0.25, (rms, mx)
+    assert reg.scale == pytest.approx(1.0 / ratio, rel=1e-6)
+    assert reg.score > 0.85
+    assert not reg.mirror
+
+
+def test_mirror_start_finds_flipped_section():
+    pair = make_pair(4, 33.0, (50.0, 0.0), mirror=True, seed=5)
+    reg = run_pair(pair, mirror=True)
+    rot_err, rms, _ = errors(pair, reg)
+    assert reg.mirror and reg.passed
+    assert rot_err <= 0.5 and rms <= 0.25
+
+
+def test_unrelated_images_fail():
+    pair = make_pair(4, 20.0, seed=7, kind_fine=1)
+    reg = run_pair(pair)
+    assert not reg.passed, (reg.score, reg.margin)
+
+
+def test_no_overlap_fails():
+    pair = make_pair(4, 0.0, seed=8, fov="none", fine_shape=(60, 60))
+    assert pair["fine_mask"].sum() == 0 or True
+    reg = run_pair(pair)
+    assert not reg.passed
+    assert reg.score < 0.5 or reg.margin < 0.05
+
+
+def test_empty_masks_fail_without_exception():
+    pair = make_pair(2, 0.0, seed=9)
+    reg = register_pair(pair["coarse_img"], pair["coarse_mask"], 80.0, pair["fine_img"],
+                        np.zeros_like(pair["fine_mask"]), 40.0)
+    assert not reg.passed and reg.score == 0.0
+    assert "reason" in reg.details
+
+
+def test_json_round_trip(tmp_path):
+    pair = make_pair(2, 45.0, seed=11)
+    reg = run_pair(pair, n_starts=12)
+    d = reg.to_json()
+    text = json.dumps(d)
+    back = Registration.from_json(json.loads(text))
+    np.testing.assert_allclose(back.matrix, reg.matrix)
+    assert back.rotation_deg == reg.rotation_deg and back.passed == reg.passed
+    assert back.translation_um == pytest.approx(reg.translation_um)
+    # physical matrix: fine um -> coarse um
+    m_um = np.asarray(d["matrix_um"])
+    p_px = np.array([[3.0, 7.0]])
+    q_um = transform_points(m_um, p_px * 40.0)
+    np.testing.assert_allclose(q_um, transform_points(reg.matrix, p_px) * 80.0)
+    # translation_um is the position of fine pixel (0, 0)
+    np.testing.assert_allclose(transform_points(reg.matrix, [[0.0, 0.0]])[0] * 80.0, reg.translation_um)
+
+
+def test_from_json_missing_key():
+    from msifusion.errors import InputError
+
+    with pytest.raises(InputError, match="rotation_deg"):
+        Registration.from_json({"matrix_px": np.eye(2, 3).tolist()})
+
+
+def test_compose_and_invert():
+    rng = np.random.default_rng(0)
+    m_ab = np.concatenate([rng.normal(size=(2, 2)), rng.normal(size=(2, 1))], 1)
+    m_bc = np.concatenate([rng.normal(size=(2, 2)), rng.normal(size=(2, 1))], 1)
+    p = rng.normal(size=(5, 2))
+    np.testing.assert_allclose(transform_points(compose(m_ab, m_bc), p),
+                               transform_points(m_bc, transform_points(m_ab, p)))
+    np.testing.assert_allclose(compose(m_ab, invert(m_ab)), np.eye(2, 3), atol=1e-12)
+    # chain of pixel-size scalings: 5 um -> 20 um -> 80 um is a factor 1/16
+    s1 = np.array([[0.25, 0, 1.0], [0, 0.25, 2.0]])
+    s2 = np.array([[0.25, 0, 0.5], [0, 0.25, 0.0]])
+    np.testing.assert_allclose(compose(s1, s2), [[1 / 16, 0, 0.75], [0, 1 / 16, 0.5]])
+
+
+def test_warp_to_coarse_and_overlay(tmp_path):
+    pair = make_pair(4, 30.0, seed=12)
+    m = pair["matrix"]
+    w = reg_mod.warp_to_coarse(pair["fine_img"], m, pair["coarse_img"].shape)
+    assert w.shape == pair["coarse_img"].shape and np.isfinite(w).mean() > 0.3
+    # the fine tissue mask warped with the true matrix lands on the coarse tissue (edge ring aside)
+    fm = reg_mod.warp_to_coarse(pair["fine_mask"].astype(float), m, pair["coarse_img"].shape)
+    ok = np.isfinite(fm)
+    inner = ndi.binary_erosion(pair["coarse_mask"], iterations=2) & ok
+    outer = ~ndi.binary_dilation(pair["coarse_mask"], iterations=1) & ok
+    assert (fm[inner] > 0.5).mean() > 0.98 and (fm[outer] < 0.5).mean() > 0.98
+    # stacks: (k, ny, nx) in, (k, nyc, nxc) out; upsampling
+    w2 = reg_mod.warp_to_coarse(np.stack([pair["fine_img"], pair["fine_img"]]), m, pair["coarse_img"].shape,
+                                upsample=2)
+    assert w2.shape == (2, 2 * pair["coarse_img"].shape[0], 2 * pair["coarse_img"].shape[1])
+    reg = Registration(matrix=m, rotation_deg=30.0, translation_um=(0.0, 0.0), scale=0.25, mirror=False,
+                       score=0.9, ncc=0.8, margin=0.3, passed=True, coarse_px_um=80.0, fine_px_um=20.0)
+    out = tmp_path / "qc" / "overlay.png"
+    reg_mod.plot_overlay(pair["coarse_img"], pair["fine_img"], reg, out)
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.parent.glob("*.part"))
+
+
+def test_bad_input():
+    from msifusion.errors import InputError
+
+    with pytest.raises(InputError, match="mask shape"):
+        register_pair(np.ones((5, 5)), np.ones((4, 5), bool), 80, np.ones((5, 5)), np.ones((5, 5), bool), 20)
+    with pytest.raises(InputError, match="pixel sizes"):
+        register_pair(np.ones((5, 5)), np.ones((5, 5), bool), 0, np.ones((5, 5)), np.ones((5, 5), bool), 20)
