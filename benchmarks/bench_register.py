@@ -16,7 +16,6 @@ The phantom generator is ``make_pair`` from ``tests/test_register.py``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

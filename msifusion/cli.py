@@ -64,7 +64,7 @@ def cmd_register(a):
 
     qc = a.qc or str(Path(a.out).with_suffix(".png"))
     register_step(a.coarse, a.fine, a.out, qc, model=a.model, n_starts=a.n_starts,
-                  mirror=a.mirror, min_score=a.min_score, seed=a.seed)
+                  mirror=a.mirror, min_score=a.min_score, min_margin=a.min_margin, seed=a.seed)
 
 
 def cmd_fuse(a):
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-starts", type=int, default=36)
     s.add_argument("--mirror", action="store_true")
     s.add_argument("--min-score", type=float, default=0.6)
+    s.add_argument("--min-margin", type=float, default=0.05)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_register)
 

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
+from .errors import InputError
 from .store import ConvertedReader, atomic_output
 
 log = logging.getLogger("msifusion.evaluate")
@@ -171,6 +172,9 @@ def evaluate_study(truth: list[str], fused: list[str], reference: list[str], out
 
 def read_table(path: str | Path) -> list[dict]:
     """Read a table written by :func:`evaluate_study`."""
+    if not Path(path).exists():
+        raise InputError(f"{path}: no evaluation table (it is written by a workflow run on a study "
+                         "with 'evaluation.truth' set)")
     lines = Path(path).read_text().splitlines()
     head = lines[0].split("\t")
     rows = []

@@ -190,8 +190,8 @@ PRESETS = {
                    margin_um=(100.0, 150.0), tof_fov_um=1000.0, tof_depth_um=320.0,
                    line_widths_um=(15.0, 22.0, 30.0), stripe_widths_um=(15.0, 25.0),
                    stripe_spacing_um=90.0, dot_diameter_um=(20.0, 40.0), n_dots=(220, 60)),
-    "small": Preset(section_um=(1300.0, 900.0), canvas_um=2.5, pixel_um=(100.0, 25.0, 10.0),
-                    margin_um=(100.0, 75.0), tof_fov_um=700.0, tof_depth_um=160.0,
+    "small": Preset(section_um=(2000.0, 1400.0), canvas_um=2.5, pixel_um=(100.0, 25.0, 10.0),
+                    margin_um=(100.0, 75.0), tof_fov_um=1000.0, tof_depth_um=160.0,
                     line_widths_um=(20.0, 28.0, 36.0), stripe_widths_um=(20.0, 30.0),
                     stripe_spacing_um=90.0, dot_diameter_um=(25.0, 45.0), n_dots=(50, 15)),
 }

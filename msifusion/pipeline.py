@@ -154,24 +154,43 @@ def total_image(d: dict) -> np.ndarray:
     return np.where(d["acquired"], np.nansum(d["maps"], axis=0), np.nan)
 
 
+def tissue_image(d: dict) -> np.ndarray:
+    """Total image with the background set to 0 (NaN off-scan), as registration input.
+
+    Modalities differ most off tissue (a MALDI matrix gives signal there, FT-ICR gives none), so
+    registration compares the tissue only.
+    """
+    return np.where(d["mask"], total_image(d), np.where(d["acquired"], 0.0, np.nan))
+
+
 def register_step(coarse: str, fine: str, out_json: str, out_png: str, *, model: str = "rigid",
                   n_starts: int = 36, mirror: bool = False, iterations: int = 150,
-                  min_score: float = 0.6, seed: int = 0) -> None:
+                  min_score: float = 0.6, min_margin: float = 0.05, seed: int = 0) -> None:
     """Register a fine modality's section to the coarse one; write the transform JSON and QC PNG."""
     from .register import plot_overlay, register_pair
 
     c, f = read_section_maps(coarse), read_section_maps(fine)
-    reg = register_pair(total_image(c), c["mask"], c["pixel_size_um"], total_image(f), f["mask"],
+    reg = register_pair(tissue_image(c), c["mask"], c["pixel_size_um"], tissue_image(f), f["mask"],
                         f["pixel_size_um"], model=model, n_starts=n_starts, mirror=mirror,
-                        iterations=iterations, min_score=min_score, seed=seed)
+                        iterations=iterations, min_score=min_score, min_margin=min_margin,
+                        seed=seed)
     doc = reg.to_json() | {"section": c["section"], "coarse": c["modality"], "fine": f["modality"]}
     plot_overlay(total_image(c), total_image(f), reg, out_png)
     with atomic_output(out_json) as tmp:
         Path(tmp).write_text(json.dumps(doc, indent=2))
     level = logging.INFO if reg.passed else logging.WARNING
-    log.log(level, "section %r: %s -> %s rotation %.2f deg, score %.3f (%s)", c["section"],
-            f["modality"], c["modality"], reg.rotation_deg, reg.score,
-            "passed" if reg.passed else f"FAILED: below min_score {min_score}")
+    log.log(level, "section %r: %s -> %s %s", c["section"], f["modality"], c["modality"],
+            registration_summary(doc))
+
+
+def registration_summary(doc: dict) -> str:
+    """One line on a registration JSON: pose, quality figures and the verdict."""
+    d = doc.get("details", {})
+    return (f"rotation {doc.get('rotation_deg', float('nan')):.2f} deg, mask Dice "
+            f"{doc.get('score', float('nan')):.3f} (min {d.get('min_score', float('nan')):g}), "
+            f"margin {doc.get('margin', float('nan')):.3f} (min {d.get('min_margin', float('nan')):g}), "
+            f"NCC {doc.get('ncc', float('nan')):.3f} (min {d.get('min_ncc', float('nan')):g}): "
+            + ("passed" if doc.get("passed") else "FAILED"))
 
 
 # ----------------------------------------------------------------------------------------- stage 5
@@ -200,11 +219,11 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
     for path in transforms:
         doc = json.loads(Path(path).read_text())
         if not doc.get("passed", False):
+            qc = Path(path).with_name(Path(path).stem.replace("transform", "qc") + ".png")
             raise QualityError(
                 f"section {doc.get('section')!r}: registration {doc.get('fine')} -> "
-                f"{doc.get('coarse')} failed (score {doc.get('score', float('nan')):.3f}); not "
-                f"fusing it. Inspect {Path(path).with_name(Path(path).stem.replace('transform', 'qc'))}"
-                ".png, fix the ROI or lower registration.min_score")
+                f"{doc.get('coarse')} {registration_summary(doc)}; not fusing it. Inspect {qc}, "
+                "fix the ROI, or change registration.min_score / min_margin")
         regs.append(Registration.from_json(doc))
     ref = levels[0]
     target = np.where(ref["acquired"][None], ref["maps"], np.nan)

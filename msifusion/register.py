@@ -1,33 +1,34 @@
 """Rigid (or affine) registration of one section between a coarse and a fine MSI modality.
 
 Each adjacent pair of the modality chain is registered separately: a *coarse* modality (e.g. FT-ICR,
-80 um pixels) and a *fine* one (e.g. MALDI-TOF 20 um or ToF-SIMS 5 um). The two modalities detect
-different ions, so intensities are not compared directly. Both images are turned into two
-modality-independent features on a common physical resolution:
+80 um pixels) and a *fine* one (e.g. MALDI-TOF 20 um or ToF-SIMS 5 um), from their total-ion-like
+ROI images (NaN where not acquired) and tissue masks. The modalities detect different ions, so
+intensities are not compared directly; both images are normalised (background 0, tissue core 1),
+brought to the same physical blur and turned into modality-independent features (:func:`_features`):
+a soft tissue map and edge maps (gradient magnitudes of the log and of the linear intensity).
+The similarity is the weighted normalised cross-correlation (NCC) of these features, computed only
+where the fine image was acquired (the fine modality often sees only part of the section); outside its
+ROI the coarse modality counts as background (unknown beyond ROI borders that tissue touches).
 
-* ``tissue``: the image rescaled so that background is 0 and tissue is 1 (clipped), i.e. a soft
-  tissue mask whose edge lies at the physical tissue edge (it does not depend on how much the binary
-  masks were dilated), and
-* ``structure``: the gradient magnitude of the log image (tissue outline and internal boundaries,
-  invariant to contrast inversions between modalities).
-
-The similarity is the weighted normalised cross-correlation (NCC) of both features, computed only
-where the fine image was acquired (the fine modality often sees only part of the section); the coarse
-frame outside its ROI counts as background.
-
-Search (all with the scale fixed by the pixel sizes):
+Search (the scale is fixed by the pixel sizes):
 
 1. exhaustive translation search by FFT (masked NCC, Padfield 2012) for ``n_starts`` rotations over
-   the full circle (and their mirror images when ``mirror=True``), two peaks per rotation;
-2. all those starts are refined together as one batch by gradient ascent in torch
-   (``grid_sample``);
-3. the best distinct candidates are refined on finer levels; the best one wins (optionally followed
-   by an affine refinement).
+   the full circle, and for their mirror images, two peaks per rotation (:func:`_fft_search`);
+2. all those starts are refined together as one batch by gradient ascent in torch (``grid_sample``
+   on a fine sample-point set, Adam), :data:`LEVEL_START`;
+3. the best distinct candidates are refined on finer levels (:data:`LEVELS_REFINE`), the best one
+   is polished on sharp edges (:data:`LEVELS_POLISH`), optionally followed by an affine refinement.
+
+The fine image is first block-averaged (anti-aliased) to about half the coarse pixel size.
 
 Quality: ``score`` is the Dice coefficient of the tissue masks after registration (over the fine
-field of view), ``margin`` the similarity gap between the winner and the best candidate that maps
-the fine tissue elsewhere (small margin: ambiguous, e.g. a featureless field of view inside the
-tissue or an unrelated pair). ``passed`` requires both.
+field of view); ``margin`` is the similarity gap between the winner and the best candidate placing
+the fine tissue elsewhere, mirrored placements included (small or negative: ambiguous, e.g. an
+unrelated pair, a featureless field of view, or a mirrored section with ``mirror=False``).
+``boundary`` is the F-score of the tissue outlines seen in the fine field of view (within
+1.5 coarse px). ``passed`` requires ``score >= min_score``, ``margin >= min_margin`` and, when
+outline is in view, ``boundary >= min_boundary``; otherwise (a field of view inside the tissue,
+placed by internal structure alone) a final similarity ``ncc >= min_ncc``.
 
 Coordinates follow ``docs/design.md``: pixel ``(x, y)`` has its centre at integer ``(x, y)`` and
 ``matrix`` (2, 3) maps fine ROI pixel coordinates ``(x, y, 1)`` to coarse ROI pixel coordinates.
@@ -61,6 +62,13 @@ __all__ = [
 
 #: Background padding around the coarse ROI (coarse px); larger than the widest smoothing support.
 COARSE_PAD = 8
+#: Distance (coarse px) within which tissue outlines agree, for the boundary F-score.
+BOUNDARY_TOL = 1.5
+#: Most fine sample points per level (the spacing grows beyond it).
+MAX_POINTS = 40_000
+#: Variance floor of each feature, as a fraction of its squared unit-edge response
+#: (see :func:`_feature_floors`); edge maps are sparse, hence the smaller fractions.
+FLOOR_FRACTIONS = (0.02, 0.005, 0.005)
 #: Similarity features, in channel order (see :func:`_features`).
 FEATURES = ("tissue", "edges_log", "edges_linear")
 
@@ -93,7 +101,7 @@ LEVEL_START = LevelConfig(1.5, 1.0, 0.5, (0.5, 0.5, 0.0))
 LEVELS_REFINE = (LevelConfig(0.8, 0.5, 0.2, (0.2, 0.4, 0.4)), LevelConfig(0.5, 0.5, 0.05, (0.0, 0.5, 0.5)))
 #: Polish of the winner on sharp edges (small blur: nearby edges with different contrasts in the two
 #: modalities interfere less).
-LEVELS_POLISH = (LevelConfig(0.35, 0.5, 0.03, (0.0, 1.0, 0.0)),)
+LEVELS_POLISH = (LevelConfig(0.35, 0.5, 0.03, (0.0, 0.5, 0.5)),)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,13 +133,20 @@ class Registration:
     margin : float
         Similarity of the winner minus that of the best candidate placing the fine tissue elsewhere.
     passed : bool
-        ``score >= min_score`` and ``margin >= min_margin``.
+        ``score >= min_score``, ``margin >= min_margin`` and, when tissue outline is in view,
+        ``boundary >= min_boundary``, else ``ncc >= min_ncc``.
     coarse_px_um, fine_px_um : float
         Pixel sizes (micrometres).
     model : str
         ``"rigid"`` or ``"affine"``.
+    boundary : float
+        Boundary F-score in [0, 1]: agreement of the tissue outlines seen in the fine field of view
+        (within 1.5 coarse px); NaN when too little outline is in view.
     coarse_shape, fine_shape : tuple of int
         ``(ny, nx)`` of the two ROI images.
+    details : dict
+        Diagnostics: per-feature NCCs, similarity at each level (``ncc_levels``), level-0 margin,
+        the thresholds used, block factors; ``reason`` when the pair could not be registered.
     """
 
     matrix: np.ndarray
@@ -146,6 +161,7 @@ class Registration:
     coarse_px_um: float
     fine_px_um: float
     model: str = "rigid"
+    boundary: float = float("nan")
     coarse_shape: tuple[int, int] = (0, 0)
     fine_shape: tuple[int, int] = (0, 0)
     details: dict = field(default_factory=dict)
@@ -169,6 +185,7 @@ class Registration:
             "score": float(self.score),
             "ncc": float(self.ncc),
             "margin": float(self.margin),
+            "boundary": None if not math.isfinite(self.boundary) else float(self.boundary),
             "passed": bool(self.passed),
             "coarse_pixel_size_um": c,
             "fine_pixel_size_um": f,
@@ -197,6 +214,7 @@ class Registration:
                 coarse_px_um=float(d["coarse_pixel_size_um"]),
                 fine_px_um=float(d["fine_pixel_size_um"]),
                 model=str(d.get("model", "rigid")),
+                boundary=float("nan") if d.get("boundary") is None else float(d["boundary"]),
                 coarse_shape=tuple(int(v) for v in d.get("coarse_shape", (0, 0))),
                 fine_shape=tuple(int(v) for v in d.get("fine_shape", (0, 0))),
                 details=dict(d.get("details", {})),
@@ -301,7 +319,8 @@ def _normalise(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
             tis = core
             break
     bg = valid & ~ndi.binary_dilation(mask, iterations=2)
-    lo = float(np.median(img[bg])) if bg.sum() >= 4 else float(np.nanmin(img))
+    # no background in view (e.g. a field of view inside the tissue): assume a background of 0
+    lo = float(np.median(img[bg])) if bg.sum() >= 4 else min(0.0, float(np.nanmin(img)))
     hi = float(np.median(img[tis]))
     if not hi > lo:
         hi = float(np.percentile(img[tis], 90.0))
@@ -326,8 +345,11 @@ def _smooth_nan(values: np.ndarray, valid: np.ndarray, sigma: float) -> tuple[np
     return out, den
 
 
-def _features(norm: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+def _features(norm: np.ndarray, mask: np.ndarray, sigma: float, px: float = 1.0) -> np.ndarray:
     """Registration features (4, ny, nx) float32 at Gaussian scale ``sigma`` (pixels of this grid).
+
+    ``px`` is the grid pixel in coarse px: gradients are per coarse px, so that feature magnitudes
+    are comparable between the modalities (see :func:`_feature_floors`).
 
     Channels (:data:`FEATURES`, then validity):
 
@@ -350,7 +372,7 @@ def _features(norm: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
     out = [tissue]
     for img in (np.log(np.clip(sm, 0.0, None) + 0.5), np.clip(sm, -1.0, 4.0)):
         gy, gx = np.gradient(img)
-        out.append(np.where(ok_g, np.hypot(gx, gy), 0.0))
+        out.append(np.where(ok_g, np.hypot(gx, gy) / px, 0.0))
     out.append(ok_g.astype(np.float64))
     return np.stack(out).astype(np.float32)
 
@@ -438,13 +460,15 @@ class _Level:
         self.used = [k for k in range(len(FEATURES)) if self.weights[k] > 0]
         self.pad = coarse.pad
         fc = _features(coarse.norm, coarse.mask, sigma_c)
-        ff = _features(fine.norm, fine.mask, _matched_sigma(sigma_c, s_work))
+        ff = _features(fine.norm, fine.mask, _matched_sigma(sigma_c, s_work), px=s_work)
         nf = len(FEATURES)
         # coarse channels: used features, then "invalid" (zero padding => outside the ROI counts as
         # valid background)
         cfe = np.concatenate([fc[self.used], 1.0 - fc[nf:]])
         self.coarse = torch.as_tensor(cfe[None], dtype=torch.float32, device=device)
         self.ny, self.nx = fc.shape[1:]
+        n_ok = int((ff[nf] > 0.5).sum())
+        spacing_c = max(spacing_c, s_work * math.sqrt(n_ok / MAX_POINTS))  # cap the point count
         stride = max(1, int(round(spacing_c / s_work)))
         sub = ff[:, ::stride, ::stride]
         vv, uu = np.nonzero(sub[nf] > 0.5)
@@ -452,8 +476,8 @@ class _Level:
         self.points = torch.as_tensor(fine.to_roi(uv), dtype=torch.float32, device=device)  # (N, 2) ROI px
         self.fine_vals = torch.as_tensor(sub[self.used][:, vv, uu], dtype=torch.float32, device=device)
         # variance floors (keep NCC finite on featureless overlaps)
-        self.eps_c = [1e-3 * float(fc[k][fc[nf] > 0.5].var() + 1e-12) for k in self.used]
-        self.eps_f = [1e-3 * float(ff[k][ff[nf] > 0.5].var() + 1e-12) for k in self.used]
+        floors = _feature_floors(sigma_c)
+        self.eps = [float(floors[k]) for k in self.used]
         self.w_used = torch.as_tensor(self.weights[self.used], dtype=torch.float32, device=device)
 
     def sample(self, q: torch.Tensor) -> torch.Tensor:
@@ -471,11 +495,21 @@ class _Level:
         With ``components=True``: a dict feature name -> NCC (B,) of the features in use."""
         smp = self.sample(q)
         w = (1.0 - smp[:, -1]).clamp(0.0, 1.0)
-        nccs = torch.stack([_weighted_ncc(smp[:, i], self.fine_vals[i][None], w, self.eps_c[i], self.eps_f[i])
+        nccs = torch.stack([_weighted_ncc(smp[:, i], self.fine_vals[i][None], w, self.eps[i], self.eps[i])
                             for i in range(len(self.used))], dim=-1)
         if components:
             return {FEATURES[k]: nccs[:, i] for i, k in enumerate(self.used)}
         return (nccs * self.w_used).sum(-1)
+
+
+def _feature_floors(sigma_c: float) -> np.ndarray:
+    """Absolute variance floors of the :data:`FEATURES` (normalised units, coarse px).
+
+    Fractions :data:`FLOOR_FRACTIONS` of the squared response to a unit tissue edge (background 0 ->
+    tissue 1) at this blur: the NCC of a window whose feature varies less than that (noise in a
+    featureless field of view) is damped towards 0 instead of rewarding a fit to noise."""
+    g0 = 1.0 / (math.sqrt(2.0 * math.pi) * math.sqrt(sigma_c ** 2 + 1.0 / 12.0))  # unit-edge gradient peak
+    return np.asarray(FLOOR_FRACTIONS) * np.array([0.25, g0 ** 2, g0 ** 2])
 
 
 def _matched_sigma(sigma_c: float, s_work: float) -> float:
@@ -546,7 +580,7 @@ def _optimise(level: _Level, poses: _Poses, *, iterations: int, lr: float, affin
 # --------------------------------------------------------------------------------------------
 
 
-def _masked_ncc_maps(fixed: np.ndarray, moving: torch.Tensor, weights, eps_rel: float = 0.05) -> torch.Tensor:
+def _masked_ncc_maps(fixed: np.ndarray, moving: torch.Tensor, weights, floors) -> torch.Tensor:
     """Masked NCC (Padfield 2012) for every integer translation, averaged over features.
 
     Parameters
@@ -557,9 +591,8 @@ def _masked_ncc_maps(fixed: np.ndarray, moving: torch.Tensor, weights, eps_rel: 
         Rotated fine canvases: ``n`` feature channels, then a weight channel.
     weights : sequence of float, length n
         Feature weights (sum 1).
-    eps_rel : float
-        Variance floor, relative to each feature's global variance (damps the NCC of overlaps
-        where one side is nearly constant).
+    floors : sequence of float, length n
+        Variance floors of the features (:func:`_feature_floors`).
 
     Returns
     -------
@@ -582,7 +615,6 @@ def _masked_ncc_maps(fixed: np.ndarray, moving: torch.Tensor, weights, eps_rel: 
     mf, mg = fx[nf], mv[:, nf]
     f_mf, f_mg = ft(mf), ft(mg)
     n = corr(f_mf, f_mg).clamp_min(1.0)
-    fsel, gsel = mf > 0.5, mg > 0.5
     total = torch.zeros_like(n)
     for k in range(nf):
         a, g = fx[k] * mf, mv[:, k] * mg
@@ -593,9 +625,8 @@ def _masked_ncc_maps(fixed: np.ndarray, moving: torch.Tensor, weights, eps_rel: 
         num = corr(fa, fg) - s_f * s_g / n
         var_f = (s_ff - s_f ** 2 / n).clamp_min(0.0)
         var_g = (s_gg - s_g ** 2 / n).clamp_min(0.0)
-        vf = float(fx[k][fsel].var()) if fsel.sum() > 1 else 1.0
-        vg = float(mv[:, k][gsel].var()) if gsel.sum() > 1 else 1.0
-        total += weights[k] * num / torch.sqrt((var_f + eps_rel * vf * n + 1e-12) * (var_g + eps_rel * vg * n + 1e-12))
+        eps = floors[k] * n
+        total += weights[k] * num / torch.sqrt((var_f + eps) * (var_g + eps))
     return total.float()
 
 
@@ -656,7 +687,7 @@ def _fft_search(coarse: _Grid, fine: _Grid, centre: np.ndarray, angles, mirrors,
     nf = len(FEATURES)
     chans = used + [nf]
     fc = _features(coarse.norm, coarse.mask, sigma_c)[chans][:, ::d, ::d]
-    ff = _features(fine.norm, fine.mask, _matched_sigma(sigma_c, s_work))[chans]
+    ff = _features(fine.norm, fine.mask, _matched_sigma(sigma_c, s_work), px=s_work)[chans]
     hs, ws = fc.shape[1:]
     half = int(math.ceil(radius_c / d)) + 1
     size = 2 * half + 1
@@ -670,7 +701,7 @@ def _fft_search(coarse: _Grid, fine: _Grid, centre: np.ndarray, angles, mirrors,
     for c0 in range(0, len(angles), chunk):
         canv = _render_canvases(ff, fine, centre, angles[c0:c0 + chunk], mirrors[c0:c0 + chunk],
                                 s, d, half, device)
-        maps = _masked_ncc_maps(fixed, canv, w[used])
+        maps = _masked_ncc_maps(fixed, canv, w[used], _feature_floors(sigma_c)[used])
         maps = maps[:, o0:o0 + hs, o0:o0 + ws].clone()  # the centre stays inside the coarse ROI
         for r in range(maps.shape[0]):
             m = maps[r]
@@ -734,6 +765,8 @@ def register_pair(
     iterations: int = 60,
     min_score: float = 0.5,
     min_margin: float = 0.05,
+    min_ncc: float = 0.5,
+    min_boundary: float = 0.75,
     n_refine: int = 4,
     check_mirror: bool = True,
     seed: int = 0,
@@ -772,10 +805,19 @@ def register_pair(
     min_margin : float
         Smallest similarity gap to the best alternative placement (one mapping the fine tissue more
         than a few coarse pixels elsewhere) that passes.
+    min_boundary : float
+        Smallest boundary F-score that passes when tissue outline is in view (then the similarity
+        level is not required: modalities with little in common, e.g. MALDI and ToF-SIMS totals,
+        register well on the outline with an NCC of 0.25). On phantoms right answers score
+        0.85-1, wrong placements and unrelated shapes 0-0.66.
+    min_ncc : float
+        Smallest final similarity (``Registration.ncc``) that passes when no outline is in view
+        (the field of view lies inside the tissue and only internal structure places it). On
+        phantoms right answers score 0.6-0.85 and wrong ones 0.1-0.46.
     n_refine : int
         Distinct candidates refined on the finer levels.
     seed : int
-        Seed of the torch generator (the search itself is deterministic).
+        Accepted for the pipeline's uniform signature; unused (the search is deterministic).
     device : str or torch.device, optional
         Default: ``"cuda"`` when available, else ``"cpu"``.
 
@@ -795,13 +837,16 @@ def register_pair(
     cimg, cmask = _check_pair(coarse_img, coarse_mask, "coarse")
     fimg, fmask = _check_pair(fine_img, fine_mask, "fine")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
+    del seed  # nothing is random: the start grid and the FFT search are deterministic
     if cmask.sum() < 4:
         return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model, "coarse tissue mask is empty")
     if fmask.sum() < 4:
         return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model, "fine tissue mask is empty")
 
     s = fine_px / coarse_px  # coarse px per fine px
+    if s > 1.0:
+        log.warning("register_pair: the 'fine' pixels (%g um) are larger than the 'coarse' ones (%g um)",
+                    fine_px, coarse_px)
     b = max(1, int(math.floor(0.5 / s + 1e-9)))  # fine working pixel ~ coarse / 2
     s_work = s * b  # coarse px per working px
     coarse = _pad_coarse(cimg, cmask, COARSE_PAD)
@@ -818,6 +863,12 @@ def register_pair(
     vy, vx = np.nonzero(np.isfinite(fimg))
     radius_c = s * float(np.sqrt(((np.stack([vx, vy], 1) - centre) ** 2).sum(1)).max()) + 3.0
     far = max(3.0, 0.1 * r_rms)  # pose distance (coarse px) beyond which two solutions differ
+
+    cfg = LEVEL_START
+    lv0 = _Level(coarse, fine, cfg, s_work, dev)
+    if lv0.points.shape[0] < 16:
+        return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model,
+                       "fine field of view too small for the coarse resolution")
 
     # 1. FFT translation search for every start rotation (and mirror)
     angles = np.arange(n_starts) * (2 * math.pi / n_starts)
@@ -847,8 +898,6 @@ def register_pair(
         return a.double().cpu().numpy(), t.double().cpu().numpy()
 
     # 2. batched refinement of all starts at a coarse level
-    cfg = LEVEL_START
-    lv0 = _Level(coarse, fine, cfg, s_work, dev)
     p0 = poses_of([angles[c[0]] for c in cands], [mirrors[c[0]] for c in cands], [c[1] for c in cands])
     phi, delta, e, sim0 = _optimise(lv0, p0, iterations=iterations, lr=cfg.lr)
     a_all, q_all = pose_arrays(p0, phi, delta)
@@ -875,8 +924,10 @@ def register_pair(
     theta_k = (p0.theta0[keep] + phi[keep] / r_rms).cpu().numpy()
     p1 = poses_of(theta_k, mirrors[[cands[i][0] for i in keep]], q_all[keep])
     state = None
+    levels = [lv0]
     for cfg in LEVELS_REFINE:
         lv = _Level(coarse, fine, cfg, s_work, dev)
+        levels.append(lv)
         state = _optimise(lv, p1, iterations=iterations, lr=cfg.lr, init=state)
     phi1, delta1, e1, sim1 = state
     a_k, q_k = pose_arrays(p1, phi1, delta1)
@@ -898,6 +949,7 @@ def register_pair(
     with torch.no_grad():
         comps = {k: float(v[0]) for k, v in lv.similarity(q_pts, components=True).items()}
         ncc = float(lv.similarity(q_pts)[0])
+        ncc_levels = [float(lvx.similarity(p2.map(lvx.points, phi_f, delta_f, e_use))[0]) for lvx in levels]
     a_fin, q_fin = pose_arrays(p2, phi_f, delta_f, e_use)
     a_fin, q_fin = a_fin[0], q_fin[0]
     matrix = np.concatenate([a_fin, (q_fin - a_fin @ centre)[:, None]], axis=1)
@@ -907,21 +959,62 @@ def register_pair(
     rot = a_fin @ np.diag([-1.0, 1.0]) if mirrored else a_fin  # rotation (x scale) part
     theta = math.degrees(math.atan2(rot[1, 0] - rot[0, 1], rot[0, 0] + rot[1, 1]))
     scale = math.sqrt(abs(float(np.linalg.det(a_fin))))
-    passed = bool(dice >= min_score and margin >= min_margin)
+    boundary = _boundary_f(coarse, fmask, np.isfinite(fimg), matrix, s)
+    quality_ok = boundary >= min_boundary if math.isfinite(boundary) else ncc >= min_ncc
+    passed = bool(dice >= min_score and margin >= min_margin and quality_ok)
     reg = Registration(
         matrix=matrix, rotation_deg=_wrap_deg(theta),
         translation_um=(float(matrix[0, 2] * coarse_px), float(matrix[1, 2] * coarse_px)),
         scale=scale, mirror=mirrored, score=float(dice), ncc=ncc, margin=margin,
-        passed=passed, coarse_px_um=coarse_px, fine_px_um=fine_px, model=model,
+        passed=passed, coarse_px_um=coarse_px, fine_px_um=fine_px, model=model, boundary=boundary,
         coarse_shape=tuple(cimg.shape), fine_shape=tuple(fimg.shape),
         details={"n_candidates": len(cands), "level0_best": float(sim0[best]), "level0_margin": margin0,
-                 **{f"ncc_{k}": v for k, v in comps.items()},
-                 "min_score": float(min_score), "min_margin": float(min_margin),
+                 **{f"ncc_{k}": v for k, v in comps.items()}, "ncc_levels": ncc_levels,
+                 "min_score": float(min_score), "min_margin": float(min_margin), "min_ncc": float(min_ncc),
+                 "min_boundary": float(min_boundary),
                  "fine_block": int(b), "search_block": int(d)},
     )
-    log.info("register_pair: rotation %.2f deg, mirror %s, dice %.3f, ncc %.3f, margin %.3f -> %s",
-             reg.rotation_deg, reg.mirror, dice, ncc, margin, "passed" if passed else "FAILED")
+    log.info("register_pair: rotation %.2f deg, mirror %s, dice %.3f, boundary %.3f, ncc %.3f, margin %.3f"
+             " -> %s", reg.rotation_deg, reg.mirror, dice, boundary, ncc, margin, "passed" if passed else "FAILED")
     return reg
+
+
+def _boundary_f(coarse: _Grid, fmask: np.ndarray, fvalid: np.ndarray, matrix: np.ndarray, s: float,
+                tol: float = BOUNDARY_TOL, min_length: float = 8.0) -> float:
+    """Boundary F-score of the tissue outlines in the fine field of view.
+
+    Outline pixels: mask pixels with a 4-neighbour outside the mask, away from non-acquired pixels
+    and the field-of-view border (by ``tol`` coarse px). Precision: share of fine outline pixels
+    mapped within ``tol`` coarse px of the coarse outline; recall: share of coarse outline pixels
+    inside the fine field of view within ``tol`` of the mapped fine outline.
+
+    Returns
+    -------
+    float
+        F-score in [0, 1]; NaN when less than ``min_length`` coarse px of outline are in view.
+    """
+    margin_f = tol / s + 1.0  # fine px
+    inner_f = ndi.distance_transform_edt(fvalid) > margin_f
+    fb = fmask & ~ndi.binary_erosion(fmask, border_value=1) & inner_f
+    cm, cvalid = coarse.mask, np.isfinite(coarse.norm)
+    cb = cm & ~ndi.binary_erosion(cm, border_value=1) & ndi.binary_erosion(cvalid, border_value=1)
+    if fb.sum() * s < min_length or not cb.any():
+        return float("nan")
+    yy, xx = np.nonzero(fb)
+    g = coarse.from_roi(transform_points(matrix, np.stack([xx, yy], 1).astype(np.float64)))
+    dist_c = ndi.distance_transform_edt(~cb)
+    d_f = ndi.map_coordinates(dist_c, [g[:, 1], g[:, 0]], order=1, mode="constant", cval=1e9)
+    precision = float(np.mean(d_f <= tol))
+    cy, cx = np.nonzero(cb)
+    p = transform_points(invert(matrix), coarse.to_roi(np.stack([cx, cy], 1)))
+    seen = ndi.map_coordinates(inner_f.astype(np.float64), [p[:, 1], p[:, 0]], order=0, mode="constant",
+                               cval=0.0) > 0.5
+    if seen.sum() * 1.0 < min_length:
+        return float("nan")
+    dist_f = ndi.distance_transform_edt(~fb) * s  # coarse px
+    d_c = ndi.map_coordinates(dist_f, [p[seen, 1], p[seen, 0]], order=1, mode="constant", cval=1e9)
+    recall = float(np.mean(d_c <= tol))
+    return 2.0 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
 def _dice(coarse: _Grid, fmask, fvalid, matrix, b):
@@ -1020,7 +1113,8 @@ def plot_overlay(coarse_img: np.ndarray, fine_img: np.ndarray, reg: Registration
         return np.clip((v - lo) / max(hi - lo, 1e-12), 0, 1)
 
     cs, ws = scaled(big), scaled(warped)
-    edges = canny(np.nan_to_num(ws), sigma=max(1.0, u / 2.0)) & np.isfinite(ws)
+    inside = ndi.binary_erosion(np.isfinite(ws), iterations=2 * u)  # no edges along the FOV border
+    edges = canny(np.nan_to_num(ws), sigma=max(1.0, u / 2.0)) & inside
     rgb = np.dstack([np.nan_to_num(cs)] * 3)
     rgb[edges] = (1.0, 0.1, 0.8)
     tile = max(4, u * 4)

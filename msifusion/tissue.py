@@ -1,7 +1,9 @@
 """Tissue masks, sections and regions of interest from a total-ion-like image.
 
 The tissue mask follows the published recipe: an Otsu threshold on the (log) total-ion-like image,
-then the morphological clean-up (dilation, hole filling) and removal of small objects. Connected
+then the morphological clean-up (dilation, hole filling) and removal of small objects. Two
+additions make it robust on MSI data: a light NaN-aware smoothing of the log image against pixel
+noise, and Otsu's threshold centred on its plateau (well-separated classes). Connected
 components of the mask are the tissue sections; :func:`propose_rois` turns them into ROIs
 ``(x0, x1, y0, y1)`` (half-open, pixels, see ``docs/design.md``).
 
@@ -15,7 +17,6 @@ import logging
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.filters import threshold_otsu
 
 log = logging.getLogger("msifusion.tissue")
 
@@ -30,14 +31,57 @@ def _disk(radius: int) -> np.ndarray:
 
 
 def _log_image(values: np.ndarray, finite: np.ndarray) -> np.ndarray:
-    """``log(image + eps)`` with ``eps`` = 1e-3 x the 99th percentile of the finite values.
+    """``log(image + eps)`` with ``eps`` = half the median of the positive finite values.
 
-    Negative values (baseline-corrected data) are clipped to 0 first. Non-finite pixels stay NaN.
+    Negative values (baseline-corrected data) are clipped to 0 first; non-finite pixels stay NaN.
+    The offset keeps empty pixels (exact zeros, common in sparse MSI backgrounds) next to the
+    low-count background instead of forming a class of their own, while hot spots are compressed.
     """
     v = np.where(finite, np.clip(values, 0.0, None), np.nan)
-    top = float(np.nanpercentile(v, 99.0))
-    eps = 1e-3 * top if top > 0 else 1.0
+    pos = v[finite & (v > 0)]
+    eps = 0.5 * float(np.median(pos)) if pos.size else 1.0
     return np.log(v + eps)
+
+
+def otsu_threshold(values: np.ndarray, nbins: int = 256, tol: float = 1e-3) -> float:
+    """Otsu's threshold, centred on the plateau of (near-)maximal between-class variance.
+
+    With well-separated classes the criterion is flat over the whole gap between them and plain
+    Otsu takes its first bin (right above the lower class); the centre of the plateau is the
+    natural choice there and equals Otsu's threshold otherwise.
+
+    Parameters
+    ----------
+    values : ndarray
+        Finite values (any shape).
+    nbins : int
+        Histogram bins.
+    tol : float
+        Relative tolerance defining the plateau: bins within ``tol`` of the maximum criterion.
+
+    Returns
+    -------
+    float
+        Threshold: values above it form the upper class.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    hist, edges = np.histogram(v, bins=nbins)
+    hist = hist.astype(np.float64)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist)[:-1]  # lower class = bins 0..i, threshold between bin i and i + 1
+    w1 = hist.sum() - w0
+    s0 = np.cumsum(hist * centres)[:-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        crit = w0 * w1 * (s0 / w0 - (np.dot(hist, centres) - s0) / w1) ** 2
+    crit = np.nan_to_num(crit, nan=-1.0)
+    best = int(np.argmax(crit))
+    lo = hi = best
+    top = crit[best] * (1.0 - tol)
+    while lo > 0 and crit[lo - 1] >= top:
+        lo -= 1
+    while hi < len(crit) - 1 and crit[hi + 1] >= top:
+        hi += 1
+    return float(0.5 * (edges[lo + 1] + edges[hi + 1]))
 
 
 def remove_small_components(mask: np.ndarray, min_size_px: int, connectivity: int = 2) -> np.ndarray:
@@ -71,6 +115,7 @@ def tissue_mask(
     min_size_px: int | None = None,
     threshold: float | None = None,
     log_scale: bool = True,
+    smooth_px: float = 1.0,
     fill_holes: bool = True,
 ) -> np.ndarray:
     """Tissue mask of a total-ion-like image: Otsu threshold, dilation, hole filling, small objects out.
@@ -91,6 +136,9 @@ def tissue_mask(
     log_scale : bool
         Apply Otsu to ``log(image + eps)`` (robust to hot spots) instead of the plain image. Ignored
         when ``threshold`` is given.
+    smooth_px : float
+        Gaussian sigma (pixels) applied to the (log) image before thresholding, ignoring non-acquired
+        pixels; tames pixel noise (0: none). Smoothing the log image keeps a tissue edge where it is.
     fill_holes : bool
         Fill holes enclosed by tissue.
 
@@ -112,11 +160,16 @@ def tissue_mask(
         mask = finite & (np.where(finite, img, -np.inf) > float(threshold))
     else:
         work = _log_image(img, finite) if log_scale else np.where(finite, img, np.nan)
+        if smooth_px and smooth_px > 0:
+            w = finite.astype(np.float64)
+            num = ndi.gaussian_filter(np.where(finite, work, 0.0), float(smooth_px), mode="nearest")
+            den = ndi.gaussian_filter(w, float(smooth_px), mode="nearest")
+            work = np.where(finite, num / np.maximum(den, 1e-12), np.nan)
         vals = work[finite]
         if float(vals.max()) <= float(vals.min()):
             log.warning("tissue_mask: constant image; returning an empty mask")
             return empty
-        t = threshold_otsu(vals)
+        t = otsu_threshold(vals)
         mask = finite & (np.where(finite, work, -np.inf) > t)
     if dilation_px and dilation_px > 0:
         mask = ndi.binary_dilation(mask, structure=_disk(dilation_px))

@@ -2,11 +2,8 @@
 import os
 import sys
 
-# The library lives beside the workflow; make it importable here and in every job.
+# The library lives beside the workflow; make it importable here (jobs do the same in scripts/).
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH", "")) if p
-)
 
 from msifusion.config import load_study
 from msifusion.errors import InputError

@@ -48,8 +48,11 @@ rule register:
         mirror=config["registration"]["mirror"],
         iterations=config["registration"]["iterations"],
         min_score=config["registration"]["min_score"],
+        min_margin=config["registration"]["min_margin"],
         seed=config["seed"],
-    threads: 2
+    # one thread: the images are small, and torch's OpenMP threads slow down 5x when the
+    # cores are shared with other jobs
+    threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(2000 + 4 * size_mb(input)) * attempt,
         runtime=lambda wc, input, attempt: 20 * attempt,

@@ -1,4 +1,9 @@
 """Snakemake job: imzML -> HDF5 (see msifusion.pipeline.convert_step)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
 from msifusion.pipeline import convert_step, run_job
 
 run_job(snakemake, convert_step, imzml=snakemake.input.imzml, out=snakemake.output[0],

@@ -1,4 +1,9 @@
 """Snakemake job: section ROI and tissue mask (see msifusion.pipeline.crop_step)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
 from msifusion.pipeline import crop_step, run_job
 
 run_job(snakemake, crop_step, nmf_file=snakemake.input.nmf, out=snakemake.output[0],

@@ -1,4 +1,9 @@
 """Snakemake job: scan-tile grid removal (see msifusion.pipeline.degrid_step)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
 from msifusion.pipeline import degrid_step, run_job
 
 run_job(snakemake, degrid_step, nmf_in=snakemake.input.nmf, out=snakemake.output.nmf,

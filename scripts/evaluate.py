@@ -1,4 +1,9 @@
 """Snakemake job: accuracy against ground truth (see msifusion.evaluate.evaluate_study)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
 from msifusion.evaluate import evaluate_study
 from msifusion.pipeline import run_job
 

@@ -1,4 +1,9 @@
 """Snakemake job: chained fusion of one section (see msifusion.pipeline.fuse_step)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
 from msifusion.pipeline import fuse_step, run_job
 
 run_job(snakemake, fuse_step, maps=list(snakemake.input.maps),

@@ -1,4 +1,9 @@
 """Snakemake job: m/z axis of one modality (see msifusion.pipeline.axis_step)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
 from msifusion.pipeline import axis_step, run_job
 
 run_job(snakemake, axis_step, converted=list(snakemake.input.converted), out=snakemake.output[0],

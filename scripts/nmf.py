@@ -1,4 +1,9 @@
 """Snakemake job: NMF of one modality (see msifusion.pipeline.nmf_step)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
 from msifusion.pipeline import nmf_step, run_job
 
 params = dict(snakemake.params)

@@ -1,5 +1,9 @@
 """Snakemake job: ion images and ROI spectra of one section (see msifusion.pipeline.products_step)."""
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
 from msifusion.pipeline import products_step, run_job
 

@@ -1,4 +1,9 @@
 """Snakemake job: registration of an adjacent chain pair (see msifusion.pipeline.register_step)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
 from msifusion.pipeline import register_step, run_job
 
 run_job(snakemake, register_step, coarse=snakemake.input.coarse, fine=snakemake.input.fine,

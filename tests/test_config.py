@@ -132,3 +132,12 @@ def test_load_config_errors(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text(yaml.safe_dump(base_config()))
     assert load_config(ok, {"seed": 7})["seed"] == 7
+
+
+def test_shipped_sheet_is_the_demo_phantom(tmp_path):
+    """config/sections.tsv (the default) lists exactly what `make demo` generates into demo/."""
+    from msifusion.phantom import generate_study
+
+    generate_study(tmp_path / "demo", preset="demo", seed=0)
+    generated = (tmp_path / "demo" / "sections.tsv").read_text().replace("\timzml/", "\t../demo/imzml/")
+    assert (ROOT / "config" / "sections.tsv").read_text() == generated
