@@ -164,7 +164,7 @@ def tissue_image(d: dict) -> np.ndarray:
 
 
 def register_step(coarse: str, fine: str, out_json: str, out_png: str, *, model: str = "rigid",
-                  n_starts: int = 36, mirror: bool = False, iterations: int = 150,
+                  n_starts: int = 36, mirror: bool = False, iterations: int = 60,
                   min_score: float = 0.6, min_margin: float = 0.05, seed: int = 0) -> None:
     """Register a fine modality's section to the coarse one; write the transform JSON and QC PNG."""
     from .register import plot_overlay, register_pair
@@ -189,7 +189,9 @@ def registration_summary(doc: dict) -> str:
     return (f"rotation {doc.get('rotation_deg', float('nan')):.2f} deg, mask Dice "
             f"{doc.get('score', float('nan')):.3f} (min {d.get('min_score', float('nan')):g}), "
             f"margin {doc.get('margin', float('nan')):.3f} (min {d.get('min_margin', float('nan')):g}), "
-            f"NCC {doc.get('ncc', float('nan')):.3f} (min {d.get('min_ncc', float('nan')):g}): "
+            f"outline agreement {doc.get('boundary', float('nan')):.3f} "
+            f"(min {d.get('min_boundary', float('nan')):g}) or NCC "
+            f"{doc.get('ncc', float('nan')):.3f} (min {d.get('min_ncc', float('nan')):g}): "
             + ("passed" if doc.get("passed") else "FAILED"))
 
 

@@ -215,7 +215,7 @@ def test_register_recovers_known_transform(ratio, fov, seed):
     assert rot_err <= 0.5, rot_err
     assert rms <= 0.25, (rms, mx)
     assert reg.scale == pytest.approx(1.0 / ratio, rel=1e-6)
-    assert reg.score > 0.85 and reg.margin > 0.1
+    assert reg.score > 0.85 and reg.margin > 0.1 and reg.boundary > 0.8
     assert not reg.mirror
 
 
@@ -254,6 +254,16 @@ def test_unrelated_images_fail():
     pair = make_pair(4, 20.0, seed=7, kind_fine=1)
     reg = run_pair(pair)
     assert not reg.passed, (reg.score, reg.margin, reg.ncc)
+    assert reg.boundary < 0.5  # the outlines do not agree wherever the shape is put
+
+
+def test_interior_view_placed_wrongly_fails():
+    """A field of view inside the tissue whose internal structure (with contrasts that differ
+    between the modalities) does not place it: whatever comes out must not pass."""
+    pair = make_pair(4, 60.0, seed=42, fine_shape=(80, 80), radius_px=20, coarse_shape=(56, 64))
+    reg = run_pair(pair)
+    rot_err, rms, _ = errors(pair, reg)
+    assert not reg.passed or (rot_err <= 0.5 and rms <= 0.25)
 
 
 def test_no_overlap_fails():
@@ -290,6 +300,9 @@ def test_json_round_trip(tmp_path):
     np.testing.assert_allclose(back.matrix, reg.matrix)
     assert back.rotation_deg == reg.rotation_deg and back.passed == reg.passed
     assert back.translation_um == pytest.approx(reg.translation_um)
+    assert back.boundary == pytest.approx(reg.boundary)
+    nan_boundary = Registration.from_json(json.loads(json.dumps(dict(d, boundary=None))))
+    assert math.isnan(nan_boundary.boundary)  # "no outline in view" survives strict JSON
     # physical matrix: fine um -> coarse um
     m_um = np.asarray(d["matrix_um"])
     p_px = np.array([[3.0, 7.0]])
@@ -382,4 +395,4 @@ def test_real_tofsims_split_mass_ranges():
     truth = np.concatenate([rm, (qc - rm @ cen + rm @ np.array([c0, c0]))[:, None]], 1)
     reg = register_pair(coarse, tissue_mask(coarse), 4.0, fine, tissue_mask(fine), 1.0)
     rot_err, rms, _ = errors(dict(matrix=truth, fine_mask=np.ones_like(fine, dtype=bool)), reg)
-    assert reg.passed and rot_err <= 0.5 and rms <= 0.25, (rot_err, rms)
+    assert reg.passed and rot_err <= 0.5 and rms <= 0.25, (rot_err, rms, reg.score, reg.boundary, reg.ncc, reg.margin)
