@@ -170,10 +170,20 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *, model:
     from .register import plot_overlay, register_pair
 
     c, f = read_section_maps(coarse), read_section_maps(fine)
-    reg = register_pair(tissue_image(c), c["mask"], c["pixel_size_um"], tissue_image(f), f["mask"],
-                        f["pixel_size_um"], model=model, n_starts=n_starts, mirror=mirror,
-                        iterations=iterations, min_score=min_score, min_margin=min_margin,
-                        seed=seed)
+    # Two views of each section: the tissue alone (background 0), then, when that gives no
+    # confident answer, the whole total image (off-tissue signal such as substrate or matrix
+    # can carry the outline). The first view that passes wins; else the better-margin failure.
+    reg = None
+    for view in (tissue_image, total_image):
+        trial = register_pair(view(c), c["mask"], c["pixel_size_um"], view(f), f["mask"],
+                              f["pixel_size_um"], model=model, n_starts=n_starts, mirror=mirror,
+                              iterations=iterations, min_score=min_score, min_margin=min_margin,
+                              seed=seed)
+        trial.details["view"] = view.__name__
+        if reg is None or trial.passed or (not reg.passed and trial.margin > reg.margin):
+            reg = trial
+        if reg.passed:
+            break
     doc = reg.to_json() | {"section": c["section"], "coarse": c["modality"], "fine": f["modality"]}
     plot_overlay(total_image(c), total_image(f), reg, out_png)
     with atomic_output(out_json) as tmp:
