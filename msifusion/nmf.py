@@ -29,7 +29,7 @@ import scipy.sparse as sp
 
 from .errors import InputError
 from .spectra import MzAxis, assemble_matrix
-from .store import ConvertedReader, atomic_output
+from .store import ConvertedReader, atomic_output, plain_attr
 
 log = logging.getLogger("msifusion.nmf")
 
@@ -431,16 +431,6 @@ def write_nmf(path, *, spectra: np.ndarray, mz: np.ndarray, errors: np.ndarray,
             f.attrs[key] = "" if value is None else value
 
 
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return tuple(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def read_nmf(path) -> dict:
     """Read an NMF file.
 
@@ -460,10 +450,10 @@ def read_nmf(path) -> dict:
                 raise InputError(f"{path}: not an NMF file (missing {', '.join(missing)})")
             out = {"spectra": f["spectra"][:], "mz": f["mz"][:], "errors": f["errors"][:],
                    "maps": {}, "map_attrs": {},
-                   "attrs": {k: _plain(v) for k, v in f.attrs.items()}}
+                   "attrs": {k: plain_attr(v) for k, v in f.attrs.items()}}
             for fid, d in f["maps"].items():
                 out["maps"][fid] = d[:]
-                out["map_attrs"][fid] = {k: _plain(v) for k, v in d.attrs.items()}
+                out["map_attrs"][fid] = {k: plain_attr(v) for k, v in d.attrs.items()}
     except OSError as err:
         raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err
     k = out["spectra"].shape[0]

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from .errors import InputError, QualityError
-from .store import atomic_output
+from .store import atomic_output, plain_attr
 
 log = logging.getLogger("msifusion.pipeline")
 
@@ -145,7 +145,7 @@ def read_section_maps(path: str) -> dict:
     """Read a section maps file written by :func:`crop_step`."""
     with h5py.File(path, "r") as f:
         d = {k: f[k][()] for k in ("maps", "mask", "acquired", "spectra", "mz")}
-        d.update({k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()})
+        d.update({k: plain_attr(v) for k, v in f.attrs.items()})
     return d
 
 

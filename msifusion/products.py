@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from .errors import InputError
-from .store import _plain, atomic_output
+from .store import atomic_output, plain_attr
 
 log = logging.getLogger("msifusion.products")
 
@@ -188,14 +188,14 @@ def read_fused(path: str | os.PathLike) -> dict:
         raise InputError(f"{path}: fused product not found")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
             if attrs.get("format") != FORMAT:
                 raise InputError(f"{path}: not an msifusion fused product "
                                  f"(format attribute is {attrs.get('format')!r})")
             out = {"maps": f["maps"][:], "spectra": f["spectra"][:], "mz": f["mz"][:]}
             extra = {}
             if "extra" in f:
-                extra.update({k: _plain(v) for k, v in f["extra"].attrs.items()})
+                extra.update({k: plain_attr(v) for k, v in f["extra"].attrs.items()})
                 extra.update({k: d[()] for k, d in f["extra"].items()})
     except OSError as err:
         raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err

@@ -198,7 +198,7 @@ class ConvertedReader:
                 if f.attrs.get("format") != FORMAT:
                     raise InputError(f"{self.path}: not an msifusion converted file "
                                      f"(format attribute is {f.attrs.get('format')!r})")
-                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+                self.attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
                 self.indptr = f["spectra/indptr"][:]
                 self.xy = f["pixels/xy"][:]
                 self.z = f["pixels/z"][:]
@@ -239,7 +239,7 @@ class ConvertedReader:
         return img
 
 
-def _plain(value):
+def plain_attr(value):
     """HDF5 attribute -> plain Python value (str, float, int or tuple)."""
     if isinstance(value, bytes):
         return value.decode()
