@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from msifusion.evaluate import (bicubic_to_grid, format_table, pearson, raw_ion_image, read_table,
-                                evaluate_study)
+from msifusion.evaluate import bicubic_to_grid, format_table, pearson, raw_ion_image, read_table
 from msifusion.store import ConvertedReader, write_converted
 
 
