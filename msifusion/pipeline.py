@@ -195,14 +195,16 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *, model:
 
 def registration_summary(doc: dict) -> str:
     """One line on a registration JSON: pose, quality figures and the verdict."""
+    def num(source, key):  # JSON stores NaN as null
+        value = source.get(key)
+        return float("nan") if value is None else float(value)
+
     d = doc.get("details", {})
-    return (f"rotation {doc.get('rotation_deg', float('nan')):.2f} deg, mask Dice "
-            f"{doc.get('score', float('nan')):.3f} (min {d.get('min_score', float('nan')):g}), "
-            f"margin {doc.get('margin', float('nan')):.3f} (min {d.get('min_margin', float('nan')):g}), "
-            f"outline agreement {doc.get('boundary', float('nan')):.3f} "
-            f"(min {d.get('min_boundary', float('nan')):g}) or NCC "
-            f"{doc.get('ncc', float('nan')):.3f} (min {d.get('min_ncc', float('nan')):g}): "
-            + ("passed" if doc.get("passed") else "FAILED"))
+    return (f"rotation {num(doc, 'rotation_deg'):.2f} deg, mask Dice {num(doc, 'score'):.3f} "
+            f"(min {num(d, 'min_score'):g}), margin {num(doc, 'margin'):.3f} "
+            f"(min {num(d, 'min_margin'):g}), outline agreement {num(doc, 'boundary'):.3f} "
+            f"(min {num(d, 'min_boundary'):g}) or NCC {num(doc, 'ncc'):.3f} "
+            f"(min {num(d, 'min_ncc'):g}): " + ("passed" if doc.get("passed") else "FAILED"))
 
 
 # ----------------------------------------------------------------------------------------- stage 5
