@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
+from .spectra import mz_window
 from .store import ConvertedReader, atomic_output
 
 log = logging.getLogger("msifusion.evaluate")
@@ -32,11 +33,10 @@ def raw_ion_image(reader: ConvertedReader, target_mz: float, ppm: float,
     ndarray, shape (ny, nx)
         On the acquisition grid; NaN where no spectrum was acquired.
     """
-    lo, hi = target_mz * (1 - ppm * 1e-6), target_mz * (1 + ppm * 1e-6)
     values = np.zeros(reader.n_pixels)
     for start, stop, indptr, mz, inten in reader.iter_blocks(block_pixels):
         rows = np.repeat(np.arange(stop - start), np.diff(indptr))
-        keep = (mz >= lo) & (mz <= hi)
+        keep = mz_window(mz, target_mz, ppm)
         values[start:stop] = np.bincount(rows[keep], weights=inten[keep], minlength=stop - start)
     return reader.to_image(values)
 

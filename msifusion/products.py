@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from .errors import InputError
+from .spectra import mz_window
 from .store import atomic_output, plain_attr
 
 log = logging.getLogger("msifusion.products")
@@ -29,26 +30,6 @@ FORMAT_VERSION = 1
 # --------------------------------------------------------------------------------------------
 # ion images and spectra
 # --------------------------------------------------------------------------------------------
-
-def mz_window(mz: np.ndarray, target_mz: float, ppm: float) -> np.ndarray:
-    """Boolean selection of the m/z values within ``target_mz +- ppm``.
-
-    Parameters
-    ----------
-    mz : ndarray, shape (n_mz,)
-    target_mz : float
-    ppm : float
-        Half-width of the window in parts per million of ``target_mz``.
-
-    Returns
-    -------
-    ndarray of bool, shape (n_mz,)
-    """
-    mz = np.asarray(mz, dtype=np.float64)
-    if not ppm > 0:
-        raise InputError(f"m/z window: ppm must be positive, got {ppm}")
-    return np.abs(mz - float(target_mz)) <= float(target_mz) * float(ppm) * 1e-6
-
 
 def ion_image(spectra: np.ndarray, mz: np.ndarray, maps: np.ndarray, target_mz: float,
               ppm: float) -> np.ndarray:

@@ -167,7 +167,7 @@ def mz_window(mz: np.ndarray, target: float, ppm: float) -> np.ndarray:
     ndarray, shape (n,), bool
     """
     mz = np.asarray(mz, dtype=np.float64)
-    return np.abs(mz - float(target)) <= abs(float(target)) * float(ppm) * 1e-6
+    return np.abs(mz - float(target)) <= abs(float(target)) * _check_ppm(ppm) * 1e-6
 
 
 def _check_ppm(ppm: float) -> float:
