@@ -25,7 +25,16 @@ def cmd_convert(a):
     from .pipeline import convert_step
 
     summary = convert_step(a.imzml, a.out, pixel_size_um=a.pixel_size_um,
-                           block_pixels=a.block_pixels, verify_checksum=not a.no_checksum)
+                           block_mb=a.block_mb, xml_chunk_mb=a.xml_chunk_mb,
+                           verify_checksum=not a.no_checksum, full_xml_check=a.full_xml_check,
+                           threads=a.threads)
+    print(json.dumps(summary, default=str))
+
+
+def cmd_export(a):
+    from .pipeline import export_step
+
+    summary = export_step(a.inp, a.out, mode=a.mode, top_n=a.top_n)
     print(json.dumps(summary, default=str))
 
 
@@ -164,9 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("imzml")
     s.add_argument("out")
     s.add_argument("--pixel-size-um", type=float, help="pixel size when the imzML has none")
-    s.add_argument("--block-pixels", type=int, default=65536)
+    s.add_argument("--block-mb", type=float, default=32, help=".ibd MB read per block")
+    s.add_argument("--xml-chunk-mb", type=float, default=8, help="XML MB scanned per chunk")
+    s.add_argument("--threads", type=int, default=2, help="threads of the XML scan")
     s.add_argument("--no-checksum", action="store_true", help="skip the .ibd checksum")
+    s.add_argument("--full-xml-check", action="store_true",
+                   help="index with the full XML parser (slower; checks all of the XML)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("export", help="converted HDF5 or fused product -> imzML (+ .ibd)")
+    s.add_argument("inp", metavar="IN.h5")
+    s.add_argument("out", metavar="OUT.imzML")
+    s.add_argument("--mode", choices=["auto", "continuous", "processed"], default="auto",
+                   help="auto: continuous when the data have one m/z axis, else processed")
+    s.add_argument("--top-n", type=int, help="keep the N most intense values per pixel "
+                   "(processed output)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("nmf", help="NMF of one modality's converted files (shared components)")
     s.add_argument("inputs", nargs="+", help="converted HDF5 file(s)")

@@ -257,7 +257,7 @@ def _unique_ids(paths: list[str]) -> list[str]:
 
 def check_rois(acquisitions: list[Acquisition], sheet: str) -> None:
     """Check every ROI against the image size stated in its imzML header (when stated)."""
-    from .convert import read_imzml_header
+    from .imzml import read_imzml_header
 
     shapes: dict[str, tuple | None] = {}
     for a in acquisitions:

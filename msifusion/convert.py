@@ -1,319 +1,39 @@
-"""Stage 1: imzML -> HDF5 conversion into the converted layout of :mod:`msifusion.store`.
+"""Stage 1: imzML -> HDF5 conversion into the converted layout of :mod:`msifusion.store`, and the
+way back (:func:`export_imzml`).
 
-The imzML header is parsed by a guarded expat parser (:func:`read_imzml_header`) that stops at the
-``<spectrumList>`` element and refuses any ``<!DOCTYPE>`` / entity declaration, so hostile XML
-(external entities, entity expansion) is rejected before :mod:`pyimzml` touches the file. The
-spectrum list and offsets are then read by :class:`pyimzml.ImzMLParser.ImzMLParser`, everything that
-can be checked without the intensities is validated (``.ibd`` present, UUID, offsets inside the
-``.ibd``, array lengths, duplicate coordinates, checksum), and the spectra are streamed into a
-:class:`msifusion.store.ConvertedWriter` in blocks.
+Conversion validates everything that can be checked without the intensities first (header,
+``.ibd`` present, UUID, checksum, the spectrum index: positions, offsets and lengths inside the
+``.ibd``, m/z and intensity lengths, duplicate positions), then streams the ``.ibd`` in blocks of
+``block_bytes`` into a :class:`msifusion.store.ConvertedWriter`, checking each block (non-finite or
+negative intensities, m/z order). Memory is bounded by the blocks and the spectrum index (64 bytes
+per spectrum), not by the file size. Values are kept exactly: m/z as float64 (a widening of any
+imzML type), intensities in the file's own data type.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
-from xml.parsers import expat
 
+import h5py
 import numpy as np
 
 from .errors import InputError
-from .store import ConvertedWriter
+from .imzml import (BLOCK_BYTES, CHUNK_BYTES, ImzMLStreamWriter, SpectrumIndex, find_ibd,
+                    iter_spectra, read_imzml_header, read_index)
+from .store import ConvertedReader, ConvertedWriter
 
 log = logging.getLogger("msifusion.convert")
 
-#: Namespace of mzML / imzML elements.
-MZML_NS = "http://psi.hupo.org/ms/mzml"
-
-_MODE = {"IMS:1000030": "continuous", "IMS:1000031": "processed"}
-_SPECTRUM_TYPE = {"MS:1000127": "centroid", "MS:1000128": "profile"}
-_SPECTRUM_TYPE_NAME = {"centroid spectrum": "centroid", "profile spectrum": "profile"}
-_POLARITY = {"MS:1000130": "positive", "MS:1000129": "negative"}
-#: Length units of pixel sizes -> factor to micrometres (imzML's default unit is the micrometre).
-_UNIT_TO_UM = {"UO:0000017": 1.0, "UO:0000018": 1e-3, "UO:0000016": 1e3, "UO:0000008": 1e6}
-#: Binary array compressions that pyimzml does not decode.
-_NO_COMPRESSION = "MS:1000576"
-_COMPRESSIONS = {"MS:1000574", "MS:1002312", "MS:1002313", "MS:1002314", "MS:1002746",
-                 "MS:1002747", "MS:1002748", "MS:1003089", "MS:1003090"}
-_DTYPE = {"f": np.float32, "d": np.float64, "i": np.int32, "l": np.int64}
-_HEADER_CHUNK = 1 << 16
-
-
-class _HeaderEnd(Exception):
-    """Raised inside the expat handlers when ``<spectrumList>`` starts."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Header
-# --------------------------------------------------------------------------------------------------
-
-def _parse_header_tree(path: Path) -> tuple[ET.Element, int | None]:
-    """Parse the imzML header up to ``<spectrumList>`` with a guarded expat parser.
-
-    Returns
-    -------
-    root : xml.etree.ElementTree.Element
-        The ``mzML`` element with everything before the spectrum list (tags without namespace).
-    n_spectra : int or None
-        The ``count`` attribute of ``<spectrumList>``.
-    """
-    builder = ET.TreeBuilder()
-    state: dict = {"root": None, "count": None, "found": False}
-
-    def refuse(*_args):
-        raise InputError(f"{path}: the XML declares a DOCTYPE or entities; refused "
-                         "(imzML needs none, and they can be used for entity-expansion or "
-                         "external-entity attacks)")
-
-    def start(name, attrs):
-        ns, _, local = name.rpartition("}")
-        if state["root"] is None:
-            if local != "mzML" or ns != MZML_NS:
-                raise InputError(f"{path}: not an imzML file (root element is <{local}> in "
-                                 f"namespace {ns or 'none'!r}, expected <mzML> in {MZML_NS!r})")
-        if local == "spectrumList":
-            count = attrs.get("count")
-            try:
-                state["count"] = int(count) if count is not None else None
-            except ValueError:
-                raise InputError(f"{path}: spectrumList count {count!r} is not an integer") from None
-            state["found"] = True
-            raise _HeaderEnd
-        elem = builder.start(local, {k.rpartition("}")[2]: v for k, v in attrs.items()})
-        if state["root"] is None:
-            state["root"] = elem
-
-    def end(name):
-        builder.end(name.rpartition("}")[2])
-
-    parser = expat.ParserCreate(namespace_separator="}")
-    parser.StartDoctypeDeclHandler = refuse
-    parser.EntityDeclHandler = refuse
-    parser.UnparsedEntityDeclHandler = refuse
-    parser.ExternalEntityRefHandler = refuse
-    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    try:
-        with open(path, "rb") as fh:
-            while True:
-                chunk = fh.read(_HEADER_CHUNK)
-                parser.Parse(chunk, not chunk)
-                if not chunk:
-                    break
-    except _HeaderEnd:
-        pass
-    except expat.ExpatError as err:
-        raise InputError(f"{path}: not a well-formed XML (imzML) file ({err})") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot be read ({err})") from None
-    if not state["found"]:
-        raise InputError(f"{path}: not an imzML file (no <spectrumList> element)")
-    return state["root"], state["count"]
-
-
-def _cv_params(elem: ET.Element | None, groups: dict[str, ET.Element], deep: bool = False) -> list:
-    """cvParam elements of ``elem`` (direct children, or all descendants when ``deep``), including
-    those of referenced ``referenceableParamGroup`` elements."""
-    if elem is None:
-        return []
-    params = list(elem.iter("cvParam")) if deep else elem.findall("cvParam")
-    for ref in elem.findall("referenceableParamGroupRef"):
-        group = groups.get(ref.get("ref"))
-        if group is not None:
-            params += group.findall("cvParam")
-    return params
-
-
-def _pixel_size(path: Path, params: list) -> float | None:
-    """Pixel size in um from the scan settings' "pixel size x/y" (IMS:1000046/47), or None."""
-    sizes = {}
-    for p in params:
-        acc = p.get("accession")
-        if acc not in ("IMS:1000046", "IMS:1000047") or acc in sizes:
-            continue
-        try:
-            value = float(p.get("value"))
-        except (TypeError, ValueError):
-            log.warning("%s: pixel size %r is not a number; ignored", path, p.get("value"))
-            continue
-        unit = p.get("unitAccession")
-        if unit not in (None, "") and unit not in _UNIT_TO_UM:
-            log.warning("%s: unknown pixel size unit %s (%s); assuming micrometres",
-                        path, unit, p.get("unitName"))
-        value *= _UNIT_TO_UM.get(unit, 1.0)
-        if not (math.isfinite(value) and value > 0):
-            log.warning("%s: pixel size %r is not positive; ignored", path, p.get("value"))
-            continue
-        sizes[acc] = value
-    sx, sy = sizes.get("IMS:1000046"), sizes.get("IMS:1000047")
-    if sx is not None and sy is not None and abs(sx - sy) > 0.01 * max(sx, sy):
-        log.warning("%s: pixels are not square (x %g um, y %g um); using the x size", path, sx, sy)
-    return sx if sx is not None else sy
-
-
-def _spectrum_type(path: Path, params: list) -> str | None:
-    """"profile" / "centroid" from MS:1000128 / MS:1000127; "unknown" when contradictory (both
-    stated, or an accession whose name says the other type); None when absent."""
-    types = set()
-    for p in params:
-        by_acc = _SPECTRUM_TYPE.get(p.get("accession"))
-        by_name = _SPECTRUM_TYPE_NAME.get((p.get("name") or "").strip().lower())
-        if by_acc and by_name and by_acc != by_name:
-            log.warning("%s: cvParam %s is named %r; spectrum type treated as unknown",
-                        path, p.get("accession"), p.get("name"))
-            return "unknown"
-        if by_acc:
-            types.add(by_acc)
-    if len(types) > 1:
-        log.warning("%s: both profile and centroid spectra stated; spectrum type treated as "
-                    "unknown", path)
-        return "unknown"
-    return types.pop() if types else None
-
-
-def _instrument(root: ET.Element, groups: dict[str, ET.Element]) -> str | None:
-    """Best-effort instrument name: the first instrument cvParam of the run's configuration."""
-    configs = root.findall("instrumentConfigurationList/instrumentConfiguration")
-    run = root.find("run")
-    default = run.get("defaultInstrumentConfigurationRef") if run is not None else None
-    configs.sort(key=lambda c: c.get("id") != default)
-    for config in configs:
-        for p in _cv_params(config, groups):
-            if p.get("accession") == "MS:1000529":  # instrument serial number
-                continue
-            name, value = (p.get("name") or "").strip(), (p.get("value") or "").strip()
-            if name or value:
-                return f"{name}: {value}" if name and value else (name or value)
-        for p in config.findall("userParam"):
-            if p.get("name"):
-                return p.get("name")
-    return None
-
-
-def read_imzml_header(imzml_path: str | os.PathLike) -> dict:
-    """Read the imzML header (everything before the spectrum list) without reading the spectra.
-
-    Only the XML up to ``<spectrumList>`` is parsed, so this takes milliseconds on a multi-GB file.
-    A ``<!DOCTYPE>`` or entity declaration is refused (:class:`InputError`).
-
-    Parameters
-    ----------
-    imzml_path : path-like
-        The ``.imzML`` file.
-
-    Returns
-    -------
-    dict
-        ``image_shape`` : (ny, nx) from "max count of pixels y/x" (IMS:1000043/42), None if absent;
-        ``pixel_size_um`` : float or None, from "pixel size x/y" (IMS:1000046/47) in um;
-        ``n_spectra`` : int or None, the spectrumList ``count`` attribute;
-        ``mode`` : "continuous" | "processed" | None;
-        ``spectrum_type`` : "profile" | "centroid" | "unknown" (contradictory) | None (absent);
-        ``polarity`` : "positive" | "negative" | "mixed" | None;
-        ``uuid`` : str or None, 32 lower-case hex digits (IMS:1000080);
-        ``sha1`` / ``md5`` : str or None, lower-case hex checksums of the ``.ibd`` (IMS:1000091/90);
-        ``compression`` : str or None, name of a binary-array compression other than "none";
-        ``instrument`` : str or None (best effort).
-
-    Raises
-    ------
-    InputError
-        Missing file, not XML, not imzML, DOCTYPE/entities, no spectrum list.
-    """
-    path = Path(imzml_path)
-    if not path.is_file():
-        raise InputError(f"{path}: imzML file not found")
-    root, n_spectra = _parse_header_tree(path)
-    groups = {g.get("id"): g for g in
-              root.findall("referenceableParamGroupList/referenceableParamGroup")}
-    content = root.find("fileDescription/fileContent")
-    content_params = _cv_params(content, groups)
-    group_params = [p for g in groups.values() for p in g.findall("cvParam")]
-    by_acc = {}
-    for p in content_params:
-        by_acc.setdefault(p.get("accession"), p)
-
-    modes = {_MODE[a] for a in by_acc if a in _MODE}
-    mode = modes.pop() if len(modes) == 1 else None
-
-    settings = _cv_params(root.find("scanSettingsList"), groups, deep=True)
-    counts = {}
-    for p in settings:
-        if p.get("accession") in ("IMS:1000042", "IMS:1000043"):
-            try:
-                counts[p.get("accession")] = int(float(p.get("value")))
-            except (TypeError, ValueError):
-                log.warning("%s: %s %r is not a number; ignored", path, p.get("name"), p.get("value"))
-    nx, ny = counts.get("IMS:1000042"), counts.get("IMS:1000043")
-    image_shape = (ny, nx) if nx and ny and nx > 0 and ny > 0 else None
-
-    spectrum_type = (_spectrum_type(path, content_params) or _spectrum_type(path, group_params))
-    pols = {_POLARITY[p.get("accession")] for p in content_params + group_params
-            if p.get("accession") in _POLARITY}
-    polarity = "mixed" if len(pols) > 1 else (pols.pop() if pols else None)
-
-    uuid = None
-    if "IMS:1000080" in by_acc:
-        raw = by_acc["IMS:1000080"].get("value") or ""
-        uuid = raw.strip().strip("{}").replace("-", "").lower()
-        if len(uuid) != 32 or any(c not in "0123456789abcdef" for c in uuid):
-            raise InputError(f"{path}: malformed universally unique identifier (IMS:1000080) {raw!r}")
-
-    def checksum(acc):
-        p = by_acc.get(acc)
-        value = (p.get("value") or "").strip().lower() if p is not None else ""
-        return value or None
-
-    compression = None
-    for p in group_params:
-        acc = p.get("accession")
-        if acc in _COMPRESSIONS or ("compression" in (p.get("name") or "").lower()
-                                    and acc != _NO_COMPRESSION):
-            compression = p.get("name") or acc
-            break
-
-    return {
-        "image_shape": image_shape,
-        "pixel_size_um": _pixel_size(path, settings),
-        "n_spectra": n_spectra,
-        "mode": mode,
-        "spectrum_type": spectrum_type,
-        "polarity": polarity,
-        "uuid": uuid,
-        "sha1": checksum("IMS:1000091"),
-        "md5": checksum("IMS:1000090"),
-        "compression": compression,
-        "instrument": _instrument(root, groups),
-    }
+__all__ = ["convert_imzml", "export_imzml", "read_imzml_header"]
 
 
 # --------------------------------------------------------------------------------------------------
 # Validation before reading intensities
 # --------------------------------------------------------------------------------------------------
-
-def find_ibd(imzml_path: str | os.PathLike) -> Path:
-    """The ``.ibd`` file beside ``imzml_path`` (same stem, extension matched case-insensitively).
-
-    Raises
-    ------
-    InputError
-        When there is none.
-    """
-    path = Path(imzml_path)
-    exact = path.with_suffix(".ibd")
-    if exact.is_file():
-        return exact
-    for cand in sorted(path.parent.glob(path.stem + ".*")):
-        if cand.suffix.lower() == ".ibd" and cand.stem == path.stem and cand.is_file():
-            return cand
-    raise InputError(f"{path}: binary data file {exact.name} not found beside it")
-
 
 def _check_uuid(imzml_path: Path, ibd_path: Path, uuid: str | None) -> None:
     """Compare the imzML's UUID with the first 16 bytes of the ``.ibd``."""
@@ -345,8 +65,8 @@ def _check_checksum(ibd_path: Path, header: dict) -> None:
                              f"file has {h.hexdigest()}); the file is corrupt or truncated")
 
 
-def _check_spectra(path: Path, ibd_path: Path, parser) -> tuple[np.ndarray, np.ndarray]:
-    """Validate the spectrum list of an opened pyimzml parser.
+def _check_index(path: Path, ibd_path: Path, index: SpectrumIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the spectrum index against the ``.ibd``.
 
     Returns
     -------
@@ -355,33 +75,45 @@ def _check_spectra(path: Path, ibd_path: Path, parser) -> tuple[np.ndarray, np.n
     z : ndarray, shape (n,), int32
         0-based z per spectrum.
     """
-    n = len(parser.coordinates)
+    n = index.n
     if n == 0:
         raise InputError(f"{path}: the file contains zero spectra")
-    if parser.mzPrecision not in _DTYPE or parser.intensityPrecision not in _DTYPE:
-        raise InputError(f"{path}: cannot determine the m/z or intensity array data type "
-                         "(32/64-bit float or integer in a referenceableParamGroup)")
-    mz_len = np.asarray(parser.mzLengths, dtype=np.int64)
-    int_len = np.asarray(parser.intensityLengths, dtype=np.int64)
-    bad = np.flatnonzero(mz_len != int_len)
+    for label, dtype in (("m/z", index.mz_dtype), ("intensity", index.int_dtype)):
+        if dtype.kind not in "fi" or dtype.itemsize not in (4, 8):
+            raise InputError(f"{path}: {label} arrays are {dtype}; imzML allows 32/64-bit float "
+                             "or integer")
+    bad = np.flatnonzero(index.mz_length != index.int_length)
     if bad.size:
         i = int(bad[0])
-        raise InputError(f"{path}: spectrum {i}: m/z array length {mz_len[i]} differs from "
-                         f"intensity array length {int_len[i]} ({bad.size} spectra affected)")
+        raise InputError(f"{path}: spectrum {i}: m/z array length {index.mz_length[i]} differs "
+                         f"from intensity array length {index.int_length[i]} ({bad.size} spectra "
+                         "affected)")
     size = ibd_path.stat().st_size
-    for name, offsets, lengths, prec in (
-            ("m/z", parser.mzOffsets, mz_len, parser.mzPrecision),
-            ("intensity", parser.intensityOffsets, int_len, parser.intensityPrecision)):
-        offsets = np.asarray(offsets, dtype=np.int64)
-        ends = offsets + lengths * np.dtype(_DTYPE[prec]).itemsize
+    for label, kind, offsets, lengths, encoded, dtype, comp in (
+            ("m/z", "mz", index.mz_offset, index.mz_length, index.mz_encoded, index.mz_dtype,
+             index.mz_compression),
+            ("intensity", "intensity", index.int_offset, index.int_length, index.int_encoded,
+             index.int_dtype, index.int_compression)):
+        if comp != "none" and np.any(encoded < 0):
+            i = int(np.flatnonzero(encoded < 0)[0])
+            raise InputError(f"{path}: spectrum {i}: compressed {label} array without an external "
+                             "encoded length (IMS:1000104)")
+        stored = index.stored_bytes(kind)
+        ends = offsets + stored
         bad = np.flatnonzero((ends > size) | (offsets < 0) | (lengths < 0))
         if bad.size:
             i = int(bad[0])
-            raise InputError(f"{ibd_path}: spectrum {i}: {name} array at offset {offsets[i]} with "
+            raise InputError(f"{ibd_path}: spectrum {i}: {label} array at offset {offsets[i]} with "
                              f"{lengths[i]} values ends at byte {ends[i]}, beyond the end of the "
                              f"file ({size} bytes); the .ibd is truncated ({bad.size} spectra "
                              "affected)")
-    coords = np.asarray(parser.coordinates, dtype=np.int64).reshape(n, 3)
+        if comp == "none":
+            odd = np.flatnonzero((encoded >= 0) & (encoded != lengths * dtype.itemsize))
+            if odd.size:
+                log.warning("%s: %d %s arrays state an encoded length that differs from their "
+                            "length x %d bytes (first: spectrum %d); the lengths are used",
+                            path, odd.size, label, dtype.itemsize, int(odd[0]))
+    coords = index.coords
     bad = np.flatnonzero((coords < 1).any(axis=1))
     if bad.size:
         i = int(bad[0])
@@ -396,54 +128,53 @@ def _check_spectra(path: Path, ibd_path: Path, parser) -> tuple[np.ndarray, np.n
         x, y, z = coords[i].tolist()
         raise InputError(f"{path}: spectra {i} and {j} have the same position (x={x}, y={y}, z={z}) "
                          f"({same.size} duplicates in all)")
-    coords -= 1
-    return coords[:, :2].astype(np.int32), coords[:, 2].astype(np.int32)
-
-
-def _open_parser(path: Path, ibd_path: Path, n_spectra: int | None):
-    """Open ``path`` with pyimzml (ibd opened by us); parser errors become :class:`InputError`."""
-    from pyimzml.ImzMLParser import ImzMLParser
-
-    if n_spectra == 0:
-        raise InputError(f"{path}: the file contains zero spectra (spectrumList count is 0)")
-    fh = open(ibd_path, "rb")
-    try:
-        return ImzMLParser(str(path), ibd_file=fh)
-    except IndexError:
-        fh.close()
-        raise InputError(f"{path}: the file contains zero spectra") from None
-    except Exception as err:  # pyimzml raises bare KeyError/TypeError/AttributeError on bad input
-        fh.close()
-        raise InputError(f"{path}: cannot read the spectrum list ({type(err).__name__}: {err})") \
-            from err
+    return (coords[:, :2] - 1).astype(np.int32), (coords[:, 2] - 1).astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------------
 # Conversion
 # --------------------------------------------------------------------------------------------------
 
-def _clean_spectrum(path: Path, index: int, mz: np.ndarray, intensity: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Check one spectrum and return it as (m/z float64, intensity float32, was_sorted)."""
+def _row_of(indptr: np.ndarray, k: int) -> int:
+    return int(np.searchsorted(indptr, k, side="right") - 1)
+
+
+def _check_values(path: Path, first: int, indptr: np.ndarray, mz_of, intensity: np.ndarray
+                  ) -> None:
+    """Refuse non-finite or negative intensities; ``mz_of(k)`` gives the m/z of value ``k``."""
     if intensity.dtype.kind == "f":
-        if not np.isfinite(intensity).all():
-            k = int(np.flatnonzero(~np.isfinite(intensity))[0])
-            raise InputError(f"{path}: spectrum {index}: non-finite intensity {intensity[k]} "
-                             f"at m/z {mz[k]}")
-    if intensity.size and intensity.min() < 0:
-        k = int(np.argmin(intensity))
-        raise InputError(f"{path}: spectrum {index}: negative intensity {intensity[k]} at m/z {mz[k]}")
-    if mz.dtype.kind == "f" and not np.isfinite(mz).all():
-        raise InputError(f"{path}: spectrum {index}: non-finite m/z value")
-    out_i = intensity.astype(np.float32)
-    if intensity.dtype == np.float64 and not np.isfinite(out_i).all():
-        raise InputError(f"{path}: spectrum {index}: intensity beyond the float32 range")
-    out_mz = mz.astype(np.float64)
-    unsorted = bool(out_mz.size > 1 and (np.diff(out_mz) < 0).any())
-    if unsorted:
-        order = np.argsort(out_mz, kind="stable")
-        out_mz, out_i = out_mz[order], out_i[order]
-    return out_mz, out_i, unsorted
+        bad = np.flatnonzero(~np.isfinite(intensity))
+        if bad.size:
+            k = int(bad[0])
+            raise InputError(f"{path}: spectrum {first + _row_of(indptr, k)}: non-finite intensity "
+                             f"{intensity[k]} at m/z {mz_of(k)}")
+    bad = np.flatnonzero(intensity < 0)
+    if bad.size:
+        k = int(bad[0])
+        raise InputError(f"{path}: spectrum {first + _row_of(indptr, k)}: negative intensity "
+                         f"{intensity[k]} at m/z {mz_of(k)}")
+
+
+def _sort_rows(path: Path, first: int, indptr: np.ndarray, mz: np.ndarray, intensity: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Check m/z values (finite) and sort them within each spectrum where they are not increasing.
+
+    Returns m/z (float64), intensities and the number of spectra that had to be sorted.
+    """
+    mz = mz.astype(np.float64, copy=False)
+    if not np.isfinite(mz).all():
+        k = int(np.flatnonzero(~np.isfinite(mz))[0])
+        raise InputError(f"{path}: spectrum {first + _row_of(indptr, k)}: non-finite m/z value")
+    if mz.size < 2:
+        return mz, intensity, 0
+    down = np.diff(mz) < 0
+    down[indptr[1:-1][indptr[1:-1] > 0] - 1] = False       # steps between two spectra
+    if not down.any():
+        return mz, intensity, 0
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    n_sorted = len(np.unique(rows[1:][down]))
+    order = np.lexsort((mz, rows))
+    return mz[order], intensity[order], n_sorted
 
 
 def _resolve_pixel_size(path: Path, from_file: float | None, given: float | None) -> float:
@@ -459,20 +190,43 @@ def _resolve_pixel_size(path: Path, from_file: float | None, given: float | None
     return float("nan")
 
 
+def _shared_axis(path: Path, ibd_path: Path, index: SpectrumIndex, mode: str
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The shared m/z axis of a continuous file (all spectra point at one m/z array), sorted, and
+    the permutation that sorted it (None when already increasing); (None, None) otherwise."""
+    if mode != "continuous" or not (np.all(index.mz_offset == index.mz_offset[0])
+                                    and np.all(index.mz_length == index.mz_length[0])):
+        if mode == "continuous":
+            log.info("%s: continuous file whose spectra have their own m/z arrays; stored with "
+                     "per-pixel m/z", path)
+        return None, None
+    _s, _e, _ip, axis, _i = next(iter_spectra(ibd_path, index.subset(slice(0, 1))))
+    axis = axis.astype(np.float64)
+    if not np.isfinite(axis).all():
+        raise InputError(f"{path}: spectrum 0: non-finite m/z value in the shared m/z array")
+    if axis.size > 1 and np.any(np.diff(axis) < 0):
+        perm = np.argsort(axis, kind="stable")
+        return axis[perm], perm
+    return axis, None
+
+
 def convert_imzml(
     imzml_path: str | os.PathLike,
     out_path: str | os.PathLike,
     *,
     pixel_size_um: float | None = None,
-    block_pixels: int = 65536,
+    block_bytes: int = BLOCK_BYTES,
+    chunk_bytes: int = CHUNK_BYTES,
     verify_checksum: bool = True,
-    max_block_values: int = 1 << 24,
+    full_xml_check: bool = False,
+    threads: int = 2,
 ) -> dict:
     """Convert one imzML/ibd pair into the converted HDF5 layout (see ``docs/design.md``).
 
-    Everything checkable without the intensities is validated first; spectra are then read one by
-    one (pyimzml ``getspectrum``) and written in blocks, so memory is bounded by one block. No
-    output file is left behind on any error.
+    Continuous files keep one shared m/z axis and store the non-zero intensities with channel
+    indices into it; processed files store every (m/z, intensity) pair of every spectrum. Pixels
+    that were not acquired are absent, never zero spectra. No output file is left behind on any
+    error.
 
     Parameters
     ----------
@@ -483,25 +237,31 @@ def convert_imzml(
     pixel_size_um : float, optional
         Pixel size in um, used only when the file states none (the file's value wins; a
         disagreement > 1 % is logged). NaN is stored when neither is known.
-    block_pixels : int
-        Maximum number of spectra per written block.
+    block_bytes : int
+        ``.ibd`` bytes read per block (memory is about 5x this).
+    chunk_bytes : int
+        XML bytes scanned per chunk by the spectrum index (see :func:`msifusion.imzml.read_index`).
     verify_checksum : bool
-        Verify the ``.ibd`` SHA-1 / MD5 when the imzML declares one.
-    max_block_values : int
-        Maximum number of (m/z, intensity) values per written block (bounds memory, ~12 B each).
+        Verify the ``.ibd`` SHA-1 / MD5 when the imzML declares one (reads the ``.ibd`` once more).
+    full_xml_check : bool
+        Index with the full XML parser (checks the well-formedness of the whole spectrum list;
+        several times slower than the default vectorised scan).
+    threads : int
+        Threads of the XML scan.
 
     Returns
     -------
     dict
         ``n_pixels``, ``nnz``, ``image_shape`` (ny, nx), ``pixel_size_um``, ``mode``,
-        ``spectrum_type``, ``n_sorted`` (spectra whose m/z had to be sorted), ``seconds``.
+        ``spectrum_type``, ``n_sorted`` (spectra whose m/z had to be sorted), ``index_method``,
+        ``seconds``.
 
     Raises
     ------
     InputError
         Missing/unreadable/hostile/non-imzML input, missing ``.ibd``, UUID mismatch, truncated
         ``.ibd``, m/z and intensity lengths that differ, duplicate positions, zero spectra,
-        checksum mismatch, compressed arrays, or a non-finite/negative intensity (with its
+        checksum mismatch, unsupported compression, or a non-finite/negative intensity (with its
         spectrum index).
     """
     t0 = time.perf_counter()
@@ -510,77 +270,82 @@ def convert_imzml(
     ibd_path = find_ibd(path)
     _check_uuid(path, ibd_path, header["uuid"])
     if header["compression"]:
-        raise InputError(f"{path}: binary arrays use {header['compression']!r}; only uncompressed "
-                         "imzML is supported")
-    parser = _open_parser(path, ibd_path, header["n_spectra"])
-    with parser:
-        xy, z = _check_spectra(path, ibd_path, parser)
-        if verify_checksum:
-            _check_checksum(ibd_path, header)
-        n = len(xy)
-        mode = header["mode"]
-        if mode is None:
-            mode = "continuous" if len(set(parser.mzOffsets)) == 1 else "processed"
-            log.warning("%s: no continuous/processed mode (IMS:1000030/31) stated; looks %s",
-                        path, mode)
-        spectrum_type = header["spectrum_type"] or parser.spectrum_mode or "unknown"
-        px = _resolve_pixel_size(path, header["pixel_size_um"], pixel_size_um)
-        # The image is the larger of the stated size and the positions reached, so that a
-        # last row or column that was not acquired still belongs to the grid the ROIs refer to.
-        image_shape = (int(xy[:, 1].max()) + 1, int(xy[:, 0].max()) + 1)
-        if header["image_shape"] is not None:
-            if any(d > h for d, h in zip(image_shape, header["image_shape"])):
-                log.warning("%s: positions reach %s (ny, nx) beyond the stated max count of "
-                            "pixels %s", path, image_shape, header["image_shape"])
-            image_shape = tuple(max(d, h) for d, h in zip(image_shape, header["image_shape"]))
-        if _DTYPE[parser.intensityPrecision] in (np.float64, np.int64):
-            log.info("%s: %s intensities are stored as float32", path,
-                     np.dtype(_DTYPE[parser.intensityPrecision]).name)
-        attrs = {
-            "source": str(path),
-            "uuid": header["uuid"] or "",
-            "mode": mode,
-            "spectrum_type": spectrum_type,
-            "polarity": header["polarity"] or parser.polarity or "unknown",
-            "instrument": header["instrument"] or "unknown",
-            "pixel_size_um": px,
-            "image_shape": image_shape,
-        }
-        log.info("%s: converting %d spectra (%s, %s) to %s", path, n, mode, spectrum_type, out_path)
-        block_pixels = max(1, int(block_pixels))
-        n_sorted = 0
-        nnz = 0
-        mz_lo, mz_hi = np.inf, -np.inf
-        with ConvertedWriter(out_path, n_pixels=n, attrs=attrs) as writer:
-            mzs, ints, values = [], [], 0
-
-            def flush():
-                lengths = np.fromiter((len(m) for m in mzs), dtype=np.int64, count=len(mzs))
-                indptr = np.concatenate([[0], np.cumsum(lengths)])
-                writer.append(indptr, np.concatenate(mzs) if mzs else np.zeros(0),
-                              np.concatenate(ints) if ints else np.zeros(0, np.float32))
-                mzs.clear()
-                ints.clear()
-
-            for i in range(n):
-                mz, inten, unsorted = _clean_spectrum(path, i, *parser.getspectrum(i))
-                n_sorted += unsorted
+        raise InputError(f"{path}: binary arrays use {header['compression']!r}; only "
+                         "uncompressed and zlib-compressed imzML are supported")
+    if header["n_spectra"] == 0:
+        raise InputError(f"{path}: the file contains zero spectra (spectrumList count is 0)")
+    index = read_index(path, header, chunk_bytes=chunk_bytes, threads=threads,
+                       method="general" if full_xml_check else "auto")
+    log.info("%s: %d spectra indexed in %.1f s (%s)", path, index.n, time.perf_counter() - t0,
+             index.method)
+    xy, z = _check_index(path, ibd_path, index)
+    if verify_checksum:
+        _check_checksum(ibd_path, header)
+    n = index.n
+    mode = header["mode"]
+    if mode is None:
+        mode = "continuous" if np.all(index.mz_offset == index.mz_offset[0]) else "processed"
+        log.warning("%s: no continuous/processed mode (IMS:1000030/31) stated; looks %s",
+                    path, mode)
+    spectrum_type = header["spectrum_type"] or "unknown"
+    px = _resolve_pixel_size(path, header["pixel_size_um"], pixel_size_um)
+    # The image is the larger of the stated size and the positions reached, so that a last row or
+    # column that was not acquired still belongs to the grid the ROIs refer to.
+    image_shape = (int(xy[:, 1].max()) + 1, int(xy[:, 0].max()) + 1)
+    if header["image_shape"] is not None:
+        if any(d > h for d, h in zip(image_shape, header["image_shape"])):
+            log.warning("%s: positions reach %s (ny, nx) beyond the stated max count of pixels %s",
+                        path, image_shape, header["image_shape"])
+        image_shape = tuple(max(d, h) for d, h in zip(image_shape, header["image_shape"]))
+    axis, perm = _shared_axis(path, ibd_path, index, mode)
+    attrs = {
+        "source": str(path),
+        "uuid": header["uuid"] or "",
+        "mode": mode,
+        "spectrum_type": spectrum_type,
+        "polarity": header["polarity"] or "unknown",
+        "instrument": header["instrument"] or "unknown",
+        "pixel_size_um": px,
+        "image_shape": image_shape,
+        "mz_dtype": index.mz_dtype.name,
+    }
+    log.info("%s: converting %d spectra (%s, %s) to %s", path, n, mode, spectrum_type, out_path)
+    n_sorted, nnz = 0, 0
+    mz_lo, mz_hi = np.inf, -np.inf
+    last_log = time.perf_counter()
+    with ConvertedWriter(out_path, n_pixels=n, attrs=attrs, intensity_dtype=index.int_dtype,
+                         mz_axis=axis) as writer:
+        for start, stop, indptr, mz, inten in iter_spectra(ibd_path, index, block_bytes=block_bytes,
+                                                           read_mz=axis is None):
+            if axis is not None:
+                n_mz = len(axis)
+                dense = inten.reshape(stop - start, n_mz)
+                if perm is not None:
+                    dense = dense[:, perm]
+                    n_sorted += stop - start
+                _check_values(path, start, indptr, lambda k: axis[k % n_mz], dense.ravel())
+                nonzero = dense != 0
+                indptr = np.zeros(stop - start + 1, np.int64)
+                np.cumsum(nonzero.sum(axis=1), out=indptr[1:])
+                flat = np.flatnonzero(nonzero)
+                writer.append(indptr, (flat % n_mz).astype(np.int32), dense.ravel()[flat])
+                nnz += len(flat)
+            else:
+                mz, inten, k = _sort_rows(path, start, indptr, mz, inten)
+                _check_values(path, start, indptr, lambda k: mz[k], inten)
+                n_sorted += k
                 if mz.size:
-                    mz_lo, mz_hi = min(mz_lo, mz[0]), max(mz_hi, mz[-1])
-                mzs.append(mz)
-                ints.append(inten)
-                values += mz.size
+                    mz_lo, mz_hi = min(mz_lo, float(mz.min())), max(mz_hi, float(mz.max()))
+                writer.append(indptr, mz, inten)
                 nnz += mz.size
-                if len(mzs) >= block_pixels or values >= max_block_values:
-                    flush()
-                    values = 0
-                    log.info("%s: %d / %d spectra converted", path, i + 1, n)
-            if mzs:
-                flush()
-            writer.set_pixels(xy, z)
-            writer.attrs["mz_range"] = ((float(mz_lo), float(mz_hi)) if nnz
-                                        else (float("nan"), float("nan")))
-            image_shape = tuple(int(v) for v in writer.attrs["image_shape"])
+            if time.perf_counter() - last_log > 10:
+                log.info("%s: %d / %d spectra converted", path, stop, n)
+                last_log = time.perf_counter()
+        writer.set_pixels(xy, z)
+        if axis is not None and axis.size:
+            mz_lo, mz_hi = float(axis[0]), float(axis[-1])
+        writer.attrs["mz_range"] = ((mz_lo, mz_hi) if np.isfinite(mz_lo)
+                                    else (float("nan"), float("nan")))
     if n_sorted:
         log.warning("%s: m/z values were not increasing in %d of %d spectra; sorted them",
                     path, n_sorted, n)
@@ -588,4 +353,155 @@ def convert_imzml(
     log.info("%s: %d spectra, %d values written to %s in %.1f s", path, n, nnz, out_path, seconds)
     return {"n_pixels": n, "nnz": nnz, "image_shape": image_shape, "pixel_size_um": px,
             "mode": mode, "spectrum_type": spectrum_type, "n_sorted": n_sorted,
+            "index_method": index.method, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+def _top_n(indptr: np.ndarray, mz: np.ndarray, intensity: np.ndarray, top_n: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the ``top_n`` most intense values of each spectrum (in m/z order; ties: lower m/z)."""
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    order = np.lexsort((np.arange(len(rows)), -intensity.astype(np.float64), rows))
+    rank = np.arange(len(rows)) - np.repeat(indptr[:-1], np.diff(indptr))
+    keep = np.sort(order[rank < top_n])                   # sorted by row, then by m/z position
+    counts = np.bincount(rows[keep], minlength=len(indptr) - 1)
+    new = np.zeros(len(indptr), np.int64)
+    np.cumsum(counts, out=new[1:])
+    return new, mz[keep], intensity[keep]
+
+
+def _fused_blocks(d: dict, block_values: int):
+    """Yield (xy, dense spectra (n, n_mz) float32) of a fused product's pixels in blocks."""
+    maps, spectra = d["maps"], d["spectra"]
+    k, ny, nx = maps.shape
+    flat = maps.reshape(k, -1)
+    acquired = np.flatnonzero(np.isfinite(flat).all(axis=0))
+    step = max(1, block_values // max(1, spectra.shape[1]))
+    for s in range(0, len(acquired), step):
+        px = acquired[s:s + step]
+        dense = flat[:, px].T.astype(np.float32) @ spectra.astype(np.float32)
+        yield np.stack([px % nx, px // nx], axis=1), dense
+
+
+def export_imzml(
+    source: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    mode: str = "auto",
+    top_n: int | None = None,
+    block_values: int = 1 << 24,
+) -> dict:
+    """Write a converted dataset or a fused product as imzML (+ ``.ibd``), atomically.
+
+    Parameters
+    ----------
+    source : path-like
+        A converted file (:mod:`msifusion.store` layout) or a fused product
+        (:func:`msifusion.products.write_fused`): each pixel's spectrum is then its predicted
+        component abundances times the component spectra, on the reference m/z axis.
+    out_path : path-like
+        The ``.imzML`` to write; the ``.ibd`` goes beside it.
+    mode : {"auto", "continuous", "processed"}
+        "auto": continuous when the source has one m/z axis for all pixels (a continuous
+        conversion or a fused product) and no ``top_n`` is asked, else processed.
+    top_n : int, optional
+        Keep only the ``top_n`` most intense values of each spectrum (processed output).
+    block_values : int
+        Values handled per block (memory bound, about 12 bytes each).
+
+    Returns
+    -------
+    dict
+        ``n_pixels``, ``nnz`` (values written), ``mode``, ``clipped`` (negative predicted
+        intensities set to 0, fused products only), ``seconds``.
+
+    Raises
+    ------
+    InputError
+        Unknown source, a continuous export asked of data without a shared m/z axis, bad
+        ``top_n``.
+    """
+    t0 = time.perf_counter()
+    source, out_path = Path(source), Path(out_path)
+    if mode not in ("auto", "continuous", "processed"):
+        raise InputError(f"export: mode must be auto, continuous or processed, not {mode!r}")
+    if top_n is not None and (int(top_n) < 1 or mode == "continuous"):
+        raise InputError(f"export: top_n={top_n} needs a positive number and processed output")
+    if not source.is_file():
+        raise InputError(f"{source}: file not found")
+    try:
+        with h5py.File(source, "r") as f:
+            fmt = f.attrs.get("format")
+            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+    except OSError as err:
+        raise InputError(f"{source}: cannot be read as HDF5 ({err})") from None
+    if out_path.suffix.lower() != ".imzml":
+        raise InputError(f"{out_path}: the output must end in .imzML")
+    seed = f"{source.name}|{mode}|{top_n}"
+    nnz, clipped, n = 0, 0, 0
+    if fmt == "msifusion-converted":
+        r = ConvertedReader(source)
+        shared = r.mz_axis is not None
+        if mode == "continuous" and not shared:
+            raise InputError(f"{source}: processed data has no shared m/z axis; export it as "
+                             "processed (mode='processed')")
+        out_mode = "continuous" if shared and top_n is None and mode != "processed" else "processed"
+        z = r.z if np.any(r.z) else None
+        kw = dict(mode=out_mode, mz_dtype=np.float64, intensity_dtype=r.intensity_dtype,
+                  mz_axis=r.mz_axis, pixel_size_um=r.pixel_size_um,
+                  spectrum_type=r.attrs.get("spectrum_type"), polarity=r.attrs.get("polarity"),
+                  instrument=r.attrs.get("instrument"), uuid_seed=seed)
+        per_pixel = max(1, r.nnz // max(1, r.n_pixels)) if out_mode == "processed" \
+            else len(r.mz_axis)
+        block_pixels = max(1, block_values // max(1, per_pixel))
+        with ImzMLStreamWriter(out_path, **kw) as w:
+            for start, stop, indptr, mz, inten in r.iter_blocks(block_pixels,
+                                                                channels=out_mode == "continuous"):
+                if out_mode == "continuous":
+                    dense = np.zeros((stop - start, len(r.mz_axis)), r.intensity_dtype)
+                    rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+                    dense[rows, mz] = inten
+                    indptr = np.arange(stop - start + 1, dtype=np.int64) * len(r.mz_axis)
+                    inten = dense.ravel()
+                elif top_n is not None:
+                    indptr, mz, inten = _top_n(indptr, mz, inten, int(top_n))
+                w.add_block(indptr, mz, inten, r.xy[start:stop],
+                            None if z is None else z[start:stop])
+                nnz += int(indptr[-1])
+            n = r.n_pixels
+    elif fmt == "msifusion-fused":
+        from .products import read_fused
+
+        d = read_fused(source)
+        out_mode = "processed" if (top_n is not None or mode == "processed") else "continuous"
+        with ImzMLStreamWriter(out_path, mode=out_mode, mz_dtype=np.float64,
+                               intensity_dtype=np.float32, mz_axis=d["mz"],
+                               pixel_size_um=d["pixel_size_um"], spectrum_type="centroid",
+                               uuid_seed=seed) as w:
+            for xy, dense in _fused_blocks(d, block_values):
+                neg = dense < 0
+                clipped += int(neg.sum())
+                dense[neg] = 0
+                m = len(d["mz"])
+                indptr = np.arange(len(xy) + 1, dtype=np.int64) * m
+                mz = np.tile(d["mz"], len(xy))
+                inten = dense.ravel()
+                if top_n is not None:
+                    indptr, mz, inten = _top_n(indptr, mz, inten, int(top_n))
+                w.add_block(indptr, mz, inten, xy)
+                nnz += int(indptr[-1])
+                n += len(xy)
+        if clipped:
+            log.warning("%s: %d negative predicted intensities written as 0", out_path, clipped)
+    else:
+        raise InputError(f"{source}: neither a converted file nor a fused product "
+                         f"(format attribute {fmt!r})")
+    seconds = time.perf_counter() - t0
+    log.info("%s: %d spectra (%s, %d values) written in %.1f s", out_path, n, out_mode, nnz,
+             seconds)
+    return {"n_pixels": n, "nnz": nnz, "mode": out_mode, "clipped": clipped,
             "seconds": seconds}
+

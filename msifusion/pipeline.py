@@ -22,13 +22,26 @@ log = logging.getLogger("msifusion.pipeline")
 
 # ----------------------------------------------------------------------------------------- stage 1
 def convert_step(imzml: str, out: str, *, pixel_size_um: float | None = None,
-                 block_pixels: int = 65536, verify_checksum: bool = True) -> dict:
-    """Convert one imzML file to the converted HDF5 layout."""
+                 block_mb: float = 32, xml_chunk_mb: float = 8, verify_checksum: bool = True,
+                 full_xml_check: bool = False, threads: int = 2) -> dict:
+    """Convert one imzML file to the converted HDF5 layout (block sizes in MB)."""
     from .convert import convert_imzml
 
-    summary = convert_imzml(imzml, out, pixel_size_um=pixel_size_um, block_pixels=block_pixels,
-                            verify_checksum=verify_checksum)
+    summary = convert_imzml(imzml, out, pixel_size_um=pixel_size_um,
+                            block_bytes=int(block_mb * 2 ** 20),
+                            chunk_bytes=int(xml_chunk_mb * 2 ** 20),
+                            verify_checksum=verify_checksum, full_xml_check=full_xml_check,
+                            threads=threads)
     log.info("converted %s -> %s: %s", imzml, out, summary)
+    return summary
+
+
+def export_step(source: str, out: str, *, mode: str = "auto", top_n: int | None = None) -> dict:
+    """Write a converted file or a fused product as imzML (+ .ibd beside it)."""
+    from .convert import export_imzml
+
+    summary = export_imzml(source, out, mode=mode, top_n=top_n)
+    log.info("exported %s -> %s: %s", source, out, summary)
     return summary
 
 

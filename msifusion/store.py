@@ -19,7 +19,7 @@ import numpy as np
 from .errors import InputError
 
 FORMAT = "msifusion-converted"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Number of values per HDF5 chunk of the m/z and intensity arrays.
 CHUNK_VALUES = 1 << 18
 
@@ -66,7 +66,7 @@ def write_converted(
     z: np.ndarray | None = None,
     attrs: dict | None = None,
 ) -> None:
-    """Write an in-memory CSR spectra set in the converted layout (atomically).
+    """Write an in-memory CSR spectra set in the converted layout with per-pixel m/z (atomically).
 
     Parameters
     ----------
@@ -77,7 +77,8 @@ def write_converted(
     mz : ndarray, shape (nnz,)
         m/z values, increasing within each pixel.
     intensity : ndarray, shape (nnz,)
-        Intensities (counts or arbitrary units), non-negative.
+        Intensities (counts or arbitrary units), non-negative; stored in their own dtype when it
+        is a 32/64-bit float or integer, else as float32.
     xy : ndarray, shape (n_pixels, 2)
         0-based (x, y) pixel coordinates.
     z : ndarray, shape (n_pixels,), optional
@@ -87,21 +88,43 @@ def write_converted(
     """
     xy = np.asarray(xy, dtype=np.int32).reshape(-1, 2)
     n = len(xy)
-    with ConvertedWriter(path, n_pixels=n, attrs=attrs) as w:
+    intensity = np.asarray(intensity)
+    dtype = intensity.dtype if intensity.dtype in INTENSITY_DTYPES else np.float32
+    with ConvertedWriter(path, n_pixels=n, attrs=attrs, intensity_dtype=dtype) as w:
         w.append(np.asarray(indptr), np.asarray(mz), np.asarray(intensity))
         w.set_pixels(xy, z)
+
+
+#: Intensity dtypes stored as they are (those of imzML); anything else is stored as float32.
+INTENSITY_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64))
 
 
 class ConvertedWriter:
     """Streaming writer of the converted layout: append blocks of spectra, then set pixel coordinates.
 
     Use as a context manager; the file appears at ``path`` only when the block exits without error.
+
+    Parameters
+    ----------
+    path : path-like
+    n_pixels : int
+        Number of spectra that will be appended.
+    attrs : dict, optional
+        File attributes (see ``docs/design.md``).
+    intensity_dtype : dtype
+        Stored intensity type (the source's, so that values are kept exactly).
+    mz_axis : ndarray, shape (n_mz,), optional
+        Shared m/z axis of a continuous file. Spectra are then appended with channel indices
+        (int32) into it instead of m/z values.
     """
 
-    def __init__(self, path: str | os.PathLike, *, n_pixels: int, attrs: dict | None = None):
+    def __init__(self, path: str | os.PathLike, *, n_pixels: int, attrs: dict | None = None,
+                 intensity_dtype=np.float32, mz_axis: np.ndarray | None = None):
         self.path = Path(path)
         self.n_pixels = int(n_pixels)
         self.attrs = dict(attrs or {})
+        self.intensity_dtype = np.dtype(intensity_dtype)
+        self.mz_axis = None if mz_axis is None else np.asarray(mz_axis, np.float64)
         self._ctx = atomic_output(self.path)
         self._f: h5py.File | None = None
         self._rows = 0
@@ -109,26 +132,37 @@ class ConvertedWriter:
 
     def __enter__(self) -> "ConvertedWriter":
         tmp = self._ctx.__enter__()
-        f = h5py.File(tmp, "w")
+        try:
+            f = h5py.File(tmp, "w")
+        except BaseException as err:
+            self._ctx.__exit__(type(err), err, err.__traceback__)
+            raise
         self._f = f
         g = f.create_group("spectra")
         g.create_dataset("indptr", shape=(self.n_pixels + 1,), dtype=np.int64)
         g["indptr"][0] = 0
-        for name, dtype in (("mz", np.float64), ("intensity", np.float32)):
+        values = ("mz", np.float64) if self.mz_axis is None else ("mz_index", np.int32)
+        if self.mz_axis is not None:
+            g.create_dataset("mz_axis", data=self.mz_axis)
+        for name, dtype in (values, ("intensity", self.intensity_dtype)):
             g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
                              chunks=(CHUNK_VALUES,), compression="gzip", compression_opts=1,
                              shuffle=True)
         return self
 
     def append(self, indptr: np.ndarray, mz: np.ndarray, intensity: np.ndarray) -> None:
-        """Append a block of spectra given as local CSR arrays (``indptr[0] == 0``)."""
+        """Append a block of spectra given as local CSR arrays (``indptr[0] == 0``).
+
+        ``mz`` holds m/z values, or channel indices into ``mz_axis`` for a continuous file.
+        """
         indptr = np.asarray(indptr, dtype=np.int64)
         rows = len(indptr) - 1
         if self._rows + rows > self.n_pixels:
             raise ValueError(f"{self.path}: more spectra appended than the {self.n_pixels} declared")
         g = self._f["spectra"]
         nnz = int(indptr[-1] - indptr[0])
-        for name, values in (("mz", mz), ("intensity", intensity)):
+        names = ("mz" if self.mz_axis is None else "mz_index", "intensity")
+        for name, values in zip(names, (mz, intensity)):
             d = g[name]
             d.resize((self._nnz + nnz,))
             if nnz:
@@ -187,6 +221,10 @@ class ConvertedReader:
         0-based pixel coordinates.
     pixel_size_um : float
         Pixel size in micrometres (NaN when the file has none).
+    mz_axis : ndarray, shape (n_mz,), or None
+        Shared m/z axis of a continuous file (values are then stored as channel indices).
+    intensity_dtype : numpy.dtype
+        Stored intensity type (the imzML's own).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -202,6 +240,8 @@ class ConvertedReader:
                 self.indptr = f["spectra/indptr"][:]
                 self.xy = f["pixels/xy"][:]
                 self.z = f["pixels/z"][:]
+                self.mz_axis = f["spectra/mz_axis"][:] if "spectra/mz_axis" in f else None
+                self.intensity_dtype = f["spectra/intensity"].dtype
         except OSError as err:
             raise InputError(f"{self.path}: cannot be read as HDF5 ({err})") from err
         self.n_pixels = len(self.xy)
@@ -209,19 +249,25 @@ class ConvertedReader:
         self.image_shape = tuple(int(v) for v in self.attrs["image_shape"])
         self.pixel_size_um = float(self.attrs.get("pixel_size_um", float("nan")))
 
-    def iter_blocks(self, block_pixels: int = 65536):
+    def iter_blocks(self, block_pixels: int = 65536, *, channels: bool = False):
         """Yield ``(start, stop, indptr, mz, intensity)`` for consecutive blocks of pixels.
 
         ``indptr`` has shape ``(stop - start + 1,)`` and starts at 0; memory per block is
-        bounded by the block's number of values.
+        bounded by the block's number of values. ``mz`` holds m/z values (float64); with
+        ``channels=True`` a file with a shared axis (:attr:`mz_axis`) yields channel indices into
+        it instead. ``intensity`` keeps the stored dtype.
         """
         with h5py.File(self.path, "r") as f:
-            mz_d, int_d = f["spectra/mz"], f["spectra/intensity"]
+            shared = self.mz_axis is not None
+            mz_d = f["spectra/mz_index" if shared else "spectra/mz"]
+            int_d = f["spectra/intensity"]
             for start in range(0, self.n_pixels, max(1, int(block_pixels))):
                 stop = min(start + int(block_pixels), self.n_pixels)
                 a, b = int(self.indptr[start]), int(self.indptr[stop])
-                yield (start, stop, self.indptr[start:stop + 1] - a,
-                       mz_d[a:b], int_d[a:b])
+                mz = mz_d[a:b]
+                if shared and not channels:
+                    mz = self.mz_axis[mz]
+                yield start, stop, self.indptr[start:stop + 1] - a, mz, int_d[a:b]
 
     def tic(self, block_pixels: int = 65536) -> np.ndarray:
         """Total ion count per pixel, shape (n_pixels,), float64."""

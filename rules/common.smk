@@ -71,6 +71,8 @@ def all_outputs():
         out += [f"results/{section}/fused_{m}.h5" for m in CHAIN[1:]]
         out += pair_files(section, "qc", "png") + product_files(section)
     out += [f"results/nmf/{m}_components.png" for m in CHAIN]
+    if config["export"]["imzml"]:
+        out += [f"results/{s}/fused_{m}.imzML" for s in SECTIONS for m in CHAIN[1:]]
     if config["evaluation"]["truth"]:
         out.append("results/evaluation.tsv")
     return out

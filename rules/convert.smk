@@ -3,7 +3,7 @@ rule convert:
     input:
         imzml=lambda wc: STUDY.files(wc.modality)[wc.file_id],
         ibd=lambda wc: os.path.splitext(STUDY.files(wc.modality)[wc.file_id])[0] + ".ibd",
-        code=lib("convert"),
+        code=[lib("convert"), lib("imzml"), lib("store")],
     output:
         "results/converted/{modality}/{file_id}.h5",
     log:
@@ -12,11 +12,18 @@ rule convert:
         "results/benchmarks/convert/{modality}/{file_id}.tsv"
     params:
         pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
-        block_pixels=config["nmf"]["block_pixels"],
-    threads: 1
+        block_mb=config["convert"]["block_mb"],
+        xml_chunk_mb=config["convert"]["xml_chunk_mb"],
+        verify_checksum=config["convert"]["verify_checksum"],
+        full_xml_check=config["convert"]["full_xml_check"],
+    threads: 2
     resources:
-        mem_mb=lambda wc, input, attempt: int(1000 + 0.5 * size_mb(input.ibd)) * attempt,
-        runtime=lambda wc, input, attempt: int(10 + size_mb(input.ibd) / 50) * attempt,
+        # blocks + XML chunks, plus the spectrum index (64 bytes per spectrum, ~1 KB of XML each)
+        mem_mb=lambda wc, input, attempt: int(
+            500 + 6 * config["convert"]["block_mb"] + 12 * config["convert"]["xml_chunk_mb"]
+            + size_mb(input.imzml) / 16) * attempt,
+        runtime=lambda wc, input, attempt: int(
+            10 + (size_mb(input.ibd) + size_mb(input.imzml)) / 100) * attempt,
     conda:
         "../envs/convert.yaml"
     script:

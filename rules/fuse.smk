@@ -49,3 +49,28 @@ rule products:
         "../envs/fuse.yaml"
     script:
         "../scripts/products.py"
+
+
+rule export_imzml:
+    """A fused product as imzML (reference m/z axis), when export.imzml is set."""
+    input:
+        fused="results/{section}/fused_{modality}.h5",
+        code=[lib("convert"), lib("imzml")],
+    output:
+        imzml="results/{section}/fused_{modality}.imzML",
+        ibd="results/{section}/fused_{modality}.ibd",
+    log:
+        "logs/export_imzml/{section}_{modality}.log",
+    benchmark:
+        "results/benchmarks/export_imzml/{section}_{modality}.tsv"
+    params:
+        mode=config["export"]["mode"],
+        top_n=config["export"]["top_n"],
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: int(1000 + 4 * size_mb(input.fused)) * attempt,
+        runtime=lambda wc, input, attempt: int(10 + size_mb(input.fused) / 10) * attempt,
+    conda:
+        "../envs/convert.yaml"
+    script:
+        "../scripts/export_imzml.py"

@@ -7,4 +7,4 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion packa
 from msifusion.pipeline import convert_step, run_job
 
 run_job(snakemake, convert_step, imzml=snakemake.input.imzml, out=snakemake.output[0],
-        **snakemake.params)
+        threads=snakemake.threads, **snakemake.params)

@@ -9,7 +9,7 @@ import pytest
 from msifusion.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["convert", "nmf", "degrid", "crop", "register", "fuse", "ion-image", "spectrum",
+STAGES = ["convert", "export", "nmf", "degrid", "crop", "register", "fuse", "ion-image", "spectrum",
           "phantom", "evaluate", "validate"]
 
 
@@ -45,3 +45,27 @@ def test_validate_reports_bad_key(tmp_path, capsys):
     cfg.write_text("sections: s.tsv\nchain: [a]\nmodalities: {a: {}}\n")
     assert main(["validate", str(cfg)]) == 1
     assert "key 'chain'" in capsys.readouterr().err
+
+
+def test_convert_and_export_round_trip(tmp_path, capsys):
+    from imzml_files import random_spectra, write_imzml
+
+    src = write_imzml(tmp_path / "s", random_spectra(6), [(i + 1, 1) for i in range(6)])
+    assert main(["convert", str(src), str(tmp_path / "s.h5"), "--threads", "1"]) == 0
+    assert '"n_pixels": 6' in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "s.h5"), str(tmp_path / "e.imzML"), "--top-n", "2"]) == 0
+    assert '"mode": "processed"' in capsys.readouterr().out
+    assert (tmp_path / "e.imzML").is_file() and (tmp_path / "e.ibd").is_file()
+
+
+def test_export_error_exit_status_and_no_output(tmp_path, capsys):
+    from imzml_files import random_spectra, write_imzml
+
+    src = write_imzml(tmp_path / "s", random_spectra(3), [(1, 1), (2, 1), (3, 1)])
+    assert main(["convert", str(src), str(tmp_path / "s.h5")]) == 0
+    before = set(tmp_path.iterdir())
+    assert main(["export", str(tmp_path / "s.h5"), str(tmp_path / "e.imzML"),
+                 "--mode", "continuous"]) == 1
+    err = capsys.readouterr().err
+    assert "s.h5: processed data has no shared m/z axis" in err
+    assert set(tmp_path.iterdir()) == before

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pyimzml.ImzMLParser import ImzMLParser
-from pyimzml.ImzMLWriter import ImzMLWriter
 
-from msifusion.convert import convert_imzml, read_imzml_header
+from msifusion.convert import convert_imzml, export_imzml
+from msifusion.imzml import read_imzml_header, read_index
 from msifusion.errors import InputError
 from msifusion.store import ConvertedReader
+
+from imzml_files import edit_xml, random_spectra, write_imzml
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 REAL = SHARED / "data" / "real"
@@ -24,24 +26,6 @@ REAL = SHARED / "data" / "real"
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-def write_imzml(path, spectra, coords, *, mode="processed", mz_dtype=np.float64,
-                int_dtype=np.float32, spec_type="profile", polarity="positive"):
-    """Write (mz, intensity) pairs at 1-based ``coords`` with pyimzml; return the .imzML path."""
-    with ImzMLWriter(str(path), mz_dtype=mz_dtype, intensity_dtype=int_dtype, mode=mode,
-                     spec_type=spec_type, polarity=polarity) as w:
-        for (mz, inten), c in zip(spectra, coords):
-            w.addSpectrum(np.asarray(mz), np.asarray(inten), tuple(c))
-    return Path(path).with_suffix(".imzML")
-
-
-def edit_xml(imzml, fn):
-    """Rewrite the imzML text with ``fn(text) -> text`` (the .ibd stays untouched)."""
-    text = imzml.read_text(encoding="latin-1")
-    new = fn(text)
-    assert new != text, "edit did not change the file"
-    imzml.write_text(new, encoding="latin-1")
-
 
 def add_pixel_size(text, x="25", y="25", unit=("UO:0000017", "micrometer")):
     lines = "".join(
@@ -94,21 +78,25 @@ def test_round_trip_continuous(tmp_path):
     mz = np.array([100.0, 200.5, 300.25, 400.125], np.float32)
     rng = np.random.default_rng(0)
     coords = [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)]          # (3, 2) not acquired
-    ints = [rng.integers(0, 1000, 4) / 4 for _ in coords]      # exact in float32
+    ints = [rng.integers(1, 1000, 4) / 4 for _ in coords]      # exact in float32
+    ints[2][[0, 3]] = 0.0                                      # zeros are not stored
     path = write_imzml(tmp_path / "cont", [(mz, i) for i in ints], coords, mode="continuous",
                        mz_dtype=np.float32, int_dtype=np.float32)
     summary = convert_imzml(path, tmp_path / "cont.h5", pixel_size_um=10.0)
     r, mzs, got = read_all(tmp_path / "cont.h5")
 
-    assert summary["n_pixels"] == 5 and summary["nnz"] == 20
+    assert summary["n_pixels"] == 5 and summary["nnz"] == 18 and r.nnz == 18
     assert summary["image_shape"] == (2, 3) and r.image_shape == (2, 3)
     assert summary["mode"] == "continuous" and summary["spectrum_type"] == "profile"
     assert summary["pixel_size_um"] == 10.0 and r.pixel_size_um == 10.0
+    np.testing.assert_array_equal(r.mz_axis, mz.astype(np.float64))   # stored once
     np.testing.assert_array_equal(r.xy, np.array(coords) - 1)
     np.testing.assert_array_equal(r.z, 0)
     for k in range(5):
-        np.testing.assert_array_equal(mzs[k], mz.astype(np.float64))
-        np.testing.assert_array_equal(got[k], ints[k].astype(np.float32))
+        keep = ints[k] != 0
+        np.testing.assert_array_equal(mzs[k], mz.astype(np.float64)[keep])
+        assert got[k].dtype == np.float32
+        np.testing.assert_array_equal(got[k], ints[k].astype(np.float32)[keep])
     assert r.attrs["mode"] == "continuous" and r.attrs["polarity"] == "positive"
     assert r.attrs["mz_range"] == (100.0, 400.125)
     assert r.attrs["uuid"] == read_imzml_header(path)["uuid"] and len(r.attrs["uuid"]) == 32
@@ -116,12 +104,15 @@ def test_round_trip_continuous(tmp_path):
     tic = r.to_image(r.tic())
     assert np.isnan(tic[1, 2]) and np.isfinite(tic[~np.isnan(tic)]).all()
     assert tic[0, 1] == ints[1].sum()
+    # channel indices into the shared axis
+    _s, _e, indptr, chan, _i = next(r.iter_blocks(10, channels=True))
+    np.testing.assert_array_equal(chan[indptr[2]:indptr[3]], [1, 2])
 
 
 def test_round_trip_processed_blocks(small):
     path, spectra, coords, out = small
-    # blocks of 2 spectra, and a value budget that forces a flush after single spectra too
-    summary = convert_imzml(path, out, block_pixels=2, max_block_values=3)
+    # blocks of ~30 bytes: one or two spectra per block
+    summary = convert_imzml(path, out, block_bytes=30)
     r, mzs, ints = read_all(out)
     assert summary["mode"] == "processed" and r.attrs["mode"] == "processed"
     assert summary["nnz"] == 10 and r.nnz == 10
@@ -142,7 +133,8 @@ def test_dtypes_exact(tmp_path, mz_dtype, int_dtype):
     spectra = []
     for n in (5, 3, 6):
         mz = np.sort(rng.uniform(100, 1000, n)).astype(mz_dtype)
-        inten = rng.integers(0, 2 ** 24, n).astype(int_dtype)   # exactly representable in float32
+        high = 2 ** 31 - 1 if np.dtype(int_dtype) == np.int32 else 2 ** 40
+        inten = rng.integers(0, high, n).astype(int_dtype)
         spectra.append((mz, inten))
     path = write_imzml(tmp_path / "d", spectra, [(1, 1), (2, 1), (1, 2)],
                        mz_dtype=mz_dtype, int_dtype=int_dtype, spec_type="centroid")
@@ -150,9 +142,9 @@ def test_dtypes_exact(tmp_path, mz_dtype, int_dtype):
     r, mzs, ints = read_all(tmp_path / "d.h5")
     assert summary["spectrum_type"] == "centroid"
     for (mz, inten), m, i in zip(spectra, mzs, ints):
-        assert m.dtype == np.float64 and i.dtype == np.float32
+        assert m.dtype == np.float64 and i.dtype == np.dtype(int_dtype)   # kept exactly
         np.testing.assert_array_equal(m, mz.astype(np.float64))
-        np.testing.assert_array_equal(i.astype(np.float64), inten.astype(np.float64))
+        np.testing.assert_array_equal(i, inten)
 
 
 def test_coordinates_zero_based_with_z(tmp_path):
@@ -287,7 +279,8 @@ def _zero_spectra(count):
     (lambda t: re.sub(r'(accession="IMS:1000091" name="ibd SHA-1" value=")\w+',
                       r"\g<1>" + "0" * 40, t), r"small\.ibd: SHA1 checksum mismatch"),
     (lambda t: t.replace('accession="MS:1000576" name="no compression"',
-                         'accession="MS:1000574" name="zlib compression"'), r"zlib compression"),
+                         'accession="MS:1002312" name="MS-Numpress linear prediction compression"'),
+     r"MS-Numpress linear prediction compression'; only uncompressed and zlib"),
     (lambda t: t.replace('name="position x" value="3"', 'name="position x" value="0"'),
      r"spectrum 3: position \(0, 2, 1\) is below 1"),
 ])
@@ -366,22 +359,175 @@ REAL_FILES = sorted(REAL.glob("*/*.imzML")) if REAL.is_dir() else [REAL / "absen
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"real data folder {REAL} absent")
 @pytest.mark.parametrize("imzml", REAL_FILES, ids=[p.name for p in REAL_FILES])
 def test_real_files_match_pyimzml(imzml, tmp_path):
+    """Every value equals pyimzML's reading (continuous files: zeros are implicit)."""
     out = tmp_path / "real.h5"
     summary = convert_imzml(imzml, out)
     r = ConvertedReader(out)
     with ImzMLParser(str(imzml)) as p:
         assert r.n_pixels == len(p.coordinates) == summary["n_pixels"]
         np.testing.assert_array_equal(r.xy, np.asarray(p.coordinates)[:, :2] - 1)
+        np.testing.assert_array_equal(r.z, np.asarray(p.coordinates)[:, 2] - 1)
         k = 0
-        for _s, _e, indptr, mz, inten in r.iter_blocks(4096):
+        for _s, _e, indptr, mz, inten in r.iter_blocks(4096, channels=True):
             for j in range(len(indptr) - 1):
                 ref_mz, ref_int = p.getspectrum(k)
-                np.testing.assert_array_equal(mz[indptr[j]:indptr[j + 1]], ref_mz.astype(np.float64))
-                np.testing.assert_array_equal(inten[indptr[j]:indptr[j + 1]],
-                                              ref_int.astype(np.float32))
+                got_mz, got_int = mz[indptr[j]:indptr[j + 1]], inten[indptr[j]:indptr[j + 1]]
+                assert got_int.dtype == ref_int.dtype
+                if r.mz_axis is not None:                 # continuous: densify on the axis
+                    np.testing.assert_array_equal(r.mz_axis, ref_mz.astype(np.float64))
+                    dense = np.zeros_like(ref_int)
+                    dense[got_mz] = got_int
+                    np.testing.assert_array_equal(dense, ref_int)
+                else:
+                    np.testing.assert_array_equal(got_mz, ref_mz.astype(np.float64))
+                    np.testing.assert_array_equal(got_int, ref_int)
                 k += 1
         assert k == r.n_pixels
     header = read_imzml_header(imzml)
     assert r.attrs["mode"] == header["mode"]
     if header["image_shape"] is not None:
         assert all(a <= b for a, b in zip(r.image_shape, header["image_shape"]))
+    # the vectorised index and the full XML parse agree on every real file
+    fast, full = read_index(imzml, method="fast"), read_index(imzml, method="general")
+    for field in ("coords", "mz_offset", "mz_length", "int_offset", "int_length"):
+        np.testing.assert_array_equal(getattr(fast, field), getattr(full, field))
+
+
+# --------------------------------------------------------------------------------------------------
+# zlib, export and round trips
+# --------------------------------------------------------------------------------------------------
+
+def test_zlib_compressed_arrays_exact(tmp_path):
+    spectra = random_spectra(40, seed=5)
+    path = write_imzml(tmp_path / "z", spectra, [(i % 8 + 1, i // 8 + 1) for i in range(40)],
+                       zlib=True)
+    assert "zlib" in path.read_text(encoding="latin-1")
+    convert_imzml(path, tmp_path / "z.h5", block_bytes=100)
+    _r, mzs, ints = read_all(tmp_path / "z.h5")
+    for (mz, inten), m, i in zip(spectra, mzs, ints):
+        np.testing.assert_array_equal(m, mz)
+        np.testing.assert_array_equal(i, inten)
+
+
+def test_corrupt_zlib_array(tmp_path):
+    path = write_imzml(tmp_path / "z", random_spectra(3, seed=5), [(1, 1), (2, 1), (3, 1)],
+                       zlib=True)
+    index = read_index(path)
+    with open(path.with_suffix(".ibd"), "r+b") as fh:
+        fh.seek(int(index.int_offset[2]))
+        fh.write(b"\xff\xff\xff")
+    assert_fails(path, tmp_path / "z.h5", r"z\.ibd: spectrum 2: intensity array cannot be "
+                 r"decompressed", verify_checksum=False)
+
+
+def h5_arrays(path):
+    r = ConvertedReader(path)
+    blocks = list(r.iter_blocks(10 ** 6, channels=True))
+    mz = np.concatenate([b[3] for b in blocks])
+    inten = np.concatenate([b[4] for b in blocks])
+    return r, mz, inten
+
+
+def assert_same_converted(a, b):
+    ra, mza, ia = h5_arrays(a)
+    rb, mzb, ib = h5_arrays(b)
+    np.testing.assert_array_equal(ra.indptr, rb.indptr)
+    np.testing.assert_array_equal(mza, mzb)
+    assert ia.dtype == ib.dtype
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_array_equal(ra.xy, rb.xy)
+    np.testing.assert_array_equal(ra.z, rb.z)
+    if ra.mz_axis is None:
+        assert rb.mz_axis is None
+    else:
+        np.testing.assert_array_equal(ra.mz_axis, rb.mz_axis)
+    for key in ("mode", "spectrum_type", "polarity", "image_shape", "mz_range"):
+        assert ra.attrs[key] == rb.attrs[key], key
+    assert ra.pixel_size_um == rb.pixel_size_um
+
+
+@pytest.mark.parametrize("mode", ["processed", "continuous"])
+def test_export_round_trip_exact(tmp_path, mode):
+    """convert -> export -> convert gives the same arrays, readable by pyimzML too."""
+    if mode == "processed":
+        spectra = random_spectra(30, seed=7, int_dtype=np.int32)
+    else:
+        axis = np.linspace(300, 900, 25)
+        rng = np.random.default_rng(8)
+        spectra = [(axis, np.where(rng.random(25) < 0.6, 0, rng.integers(1, 99, 25)).astype(np.float64))
+                   for _ in range(30)]
+    coords = [(i % 6 + 1, i // 6 + 1, 1 + (i >= 24)) for i in range(30)]
+    src = write_imzml(tmp_path / "src", spectra, coords, mode=mode,
+                      int_dtype=spectra[0][1].dtype.type, spec_type="centroid")
+    edit_xml(src, add_pixel_size)
+    convert_imzml(src, tmp_path / "a.h5")
+    summary = export_imzml(tmp_path / "a.h5", tmp_path / "out" / "b.imzML")
+    assert summary["mode"] == mode and summary["n_pixels"] == 30
+    convert_imzml(tmp_path / "out" / "b.imzML", tmp_path / "b.h5")
+    assert_same_converted(tmp_path / "a.h5", tmp_path / "b.h5")
+    with ImzMLParser(str(tmp_path / "out" / "b.imzML")) as p:
+        np.testing.assert_array_equal(p.coordinates, coords)
+        for k, (mz, inten) in enumerate(spectra):
+            rm, ri = p.getspectrum(k)
+            np.testing.assert_array_equal(rm, mz)
+            np.testing.assert_array_equal(ri, inten)
+
+
+def test_export_top_n(tmp_path):
+    spectra = [([100.0, 200.0, 300.0, 400.0], [5.0, 1.0, 7.0, 5.0]), ([150.0], [2.0]),
+               ([120.0, 130.0, 140.0], [3.0, 9.0, 1.0])]
+    src = write_imzml(tmp_path / "t", spectra, [(1, 1), (2, 1), (3, 1)])
+    convert_imzml(src, tmp_path / "t.h5")
+    export_imzml(tmp_path / "t.h5", tmp_path / "top.imzML", top_n=2)
+    with ImzMLParser(str(tmp_path / "top.imzML")) as p:
+        got = [tuple(map(list, p.getspectrum(k))) for k in range(3)]
+    assert got == [([100.0, 300.0], [5.0, 7.0]), ([150.0], [2.0]), ([120.0, 130.0], [3.0, 9.0])]
+
+
+def test_export_fused_product(tmp_path):
+    from msifusion.products import write_fused
+
+    rng = np.random.default_rng(9)
+    maps = rng.random((3, 4, 5)).astype(np.float32)
+    maps[:, 0, 0] = np.nan                                     # not acquired
+    maps[1, 3, 4] = -2.0                                       # negative prediction
+    spectra = rng.random((3, 6)).astype(np.float32)
+    mz = np.linspace(700, 800, 6)
+    write_fused(tmp_path / "f.h5", maps, spectra, mz, origin_xy=(3, 2), pixel_size_um=5.0,
+                reference="fticr")
+    summary = export_imzml(tmp_path / "f.h5", tmp_path / "f.imzML")
+    assert summary["mode"] == "continuous" and summary["n_pixels"] == 19
+    expect = np.maximum(np.einsum("kyx,km->yxm", maps, spectra), 0)
+    assert summary["clipped"] == int((np.einsum("kyx,km->yxm", maps, spectra) < 0).sum())
+    with ImzMLParser(str(tmp_path / "f.imzML")) as p:
+        assert len(p.coordinates) == 19 and (1, 1, 1) not in p.coordinates
+        for k, (x, y, _z) in enumerate(p.coordinates):
+            rm, ri = p.getspectrum(k)
+            np.testing.assert_array_equal(rm, mz)
+            np.testing.assert_allclose(ri, expect[y - 1, x - 1], rtol=1e-6, atol=1e-7)
+    assert read_imzml_header(tmp_path / "f.imzML")["pixel_size_um"] == 5.0
+    summary = convert_imzml(tmp_path / "f.imzML", tmp_path / "f2.h5")
+    assert summary["n_pixels"] == 19
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"mode": "continuous"}, r"processed data has no shared m/z axis"),
+    ({"mode": "sideways"}, r"mode must be auto, continuous or processed"),
+    ({"top_n": 0}, r"top_n=0 needs a positive number"),
+])
+def test_export_errors_leave_nothing(small, kw, match):
+    path, _s, _c, out = small
+    convert_imzml(path, out)
+    before = set(out.parent.iterdir())
+    with pytest.raises(InputError, match=match):
+        export_imzml(out, out.parent / "x.imzML", **kw)
+    assert set(out.parent.iterdir()) == before
+
+
+def test_export_refuses_other_files(tmp_path):
+    (tmp_path / "plain.h5").write_bytes(b"not hdf5")
+    with pytest.raises(InputError, match=r"plain\.h5: cannot be read as HDF5"):
+        export_imzml(tmp_path / "plain.h5", tmp_path / "x.imzML")
+    with pytest.raises(InputError, match=r"nope\.h5: file not found"):
+        export_imzml(tmp_path / "nope.h5", tmp_path / "x.imzML")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.h5"]

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from pyimzml.ImzMLParser import ImzMLParser
 
 from msifusion.evaluate import read_table
 from msifusion.phantom import generate_study
@@ -77,6 +78,8 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
 def three_modality_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("wf3")
     summary, cfg = setup_study(workdir, tile_px=32, grid_tile_px=32)
+    cfg["export"] = {"imzml": True}
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     dry = snakemake(workdir, "-n")
     snakemake(workdir)
     return workdir, summary, cfg, dry.stdout + dry.stderr
@@ -90,6 +93,7 @@ def test_dry_run_has_per_section_jobs(three_modality_run):
     assert counts["crop"] == 3 * n_sec
     assert counts["register"] == 2 * n_sec
     assert counts["fuse"] == n_sec and counts["products"] == n_sec
+    assert counts["export_imzml"] == 2 * n_sec
     assert counts["nmf"] == 3 and counts["degrid"] == 1
     # conversion once per imzML file: one shared reference file + one file per section elsewhere
     assert counts["convert"] == 1 + 2 * n_sec
@@ -101,12 +105,20 @@ def test_products_follow_the_contract(three_modality_run):
         res = workdir / "results" / section
         for modality in cfg["chain"][1:]:
             with h5py.File(res / f"fused_{modality}.h5") as f:
-                maps, spectra, mz = f["maps"], f["spectra"], f["mz"]
+                maps, spectra, mz = f["maps"], f["spectra"], f["mz"][:]
                 assert maps.dtype == np.float32 and spectra.dtype == np.float32
                 assert mz.dtype == np.float64 and maps.ndim == 3
                 assert maps.shape[0] == spectra.shape[0] and spectra.shape[1] == mz.shape[0]
                 assert f.attrs["reference"] == "fticr"
                 assert len(f.attrs["origin_xy"]) == 2 and f.attrs["pixel_size_um"] > 0
+                expect = np.einsum("kyx,km->yxm", f["maps"][:], f["spectra"][:])
+            with ImzMLParser(str(res / f"fused_{modality}.imzML")) as p:   # the exported imzML
+                assert len(p.coordinates) == int(np.isfinite(expect[..., 0]).sum())
+                x, y, _z = p.coordinates[0]
+                got_mz, got = p.getspectrum(0)
+                np.testing.assert_array_equal(got_mz, mz)
+                np.testing.assert_allclose(got, np.maximum(expect[y - 1, x - 1], 0), rtol=1e-5,
+                                           atol=1e-6 * np.nanmax(expect))
             with h5py.File(summary_truth(workdir, section)) as t:
                 assert t[modality]["mask"].shape == maps.shape[1:]
         for c, fine in zip(cfg["chain"][:-1], cfg["chain"][1:]):

@@ -1,0 +1,10 @@
+"""Snakemake job: fused product -> imzML (see msifusion.pipeline.export_step)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
+
+from msifusion.pipeline import export_step, run_job
+
+run_job(snakemake, export_step, source=snakemake.input.fused, out=snakemake.output.imzml,
+        **snakemake.params)
