@@ -1340,7 +1340,7 @@ class ImzMLStreamWriter:
                 f'value="{self.pixel_size_um!r}" unitCvRef="UO" unitAccession="UO:0000017" '
                 'unitName="micrometer"/>\n'
                 for acc, name in (("1000046", "pixel size (x)"), ("1000047", "pixel size y")))
-        instrument = ("" if not self.instrument else
+        instrument = ("" if self.instrument in (None, "", "unknown") else
                       f"      <userParam name={quoteattr(str(self.instrument))}/>\n")
         mz_acc, int_acc = _DTYPE_ACC[self.mz_dtype], _DTYPE_ACC[self.int_dtype]
         return _HEADER.format(

@@ -38,19 +38,15 @@ footprint-averaged composition would give, summed over the +-ppm window of each 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
-import os
 import re
 import time
-import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
-from pyimzml.ImzMLWriter import ImzMLWriter
 from scipy import ndimage
 
 from .errors import InputError
@@ -198,28 +194,11 @@ PRESETS = {
 
 
 # ------------------------------------------------------------------------------------ imzML writer
-class _DeterministicImzMLWriter(ImzMLWriter):
-    """pyimzml's writer with a given UUID (written at the head of the .ibd) and run id."""
-
-    def __init__(self, output_filename, *, uuid_value: uuid.UUID, run_id: str, **kwargs):
-        super().__init__(output_filename, **kwargs)
-        # the parent wrote a random uuid4 as the first 16 bytes; replace it
-        self.ibd.seek(0)
-        self.ibd.truncate()
-        self.sha1 = hashlib.sha1()
-        self.uuid = uuid_value
-        self._write_ibd(uuid_value.bytes)
-        self.run_id = run_id
-
-
-def _uuid_from_key(key: str) -> uuid.UUID:
-    return uuid.UUID(bytes=hashlib.sha256(key.encode()).digest()[:16], version=4)
-
-
 def write_imzml(path, xy: np.ndarray, spectra_iter: Iterable[tuple[np.ndarray, np.ndarray]], *,
                 mode: str, pixel_size_um: float | None = None, spectrum_type: str = "centroid",
-                polarity: str = "positive", uuid_key: str | None = None) -> Path:
-    """Write spectra as an imzML/ibd pair (atomically) with pyimzml's ImzMLWriter.
+                polarity: str = "positive", uuid_key: str | None = None,
+                block_pixels: int = 4096) -> Path:
+    """Write spectra as an imzML/ibd pair (atomically) with :class:`msifusion.imzml.ImzMLStreamWriter`.
 
     Parameters
     ----------
@@ -228,8 +207,8 @@ def write_imzml(path, xy: np.ndarray, spectra_iter: Iterable[tuple[np.ndarray, n
     xy : ndarray, shape (n_pixels, 2)
         0-based (x, y) pixel coordinates, in the order of ``spectra_iter`` (written 1-based).
     spectra_iter : iterable of (mz, intensity)
-        One pair of non-empty 1-D arrays per pixel; ``mz`` increasing (float64), ``intensity``
-        float32. In ``"continuous"`` mode only the first ``mz`` array is stored.
+        One pair of 1-D arrays per pixel; ``mz`` increasing (float64), ``intensity`` float32. In
+        ``"continuous"`` mode every ``mz`` must equal the first (the shared axis).
     mode : {"continuous", "processed"}
         imzML storage mode.
     pixel_size_um : float, optional
@@ -237,60 +216,55 @@ def write_imzml(path, xy: np.ndarray, spectra_iter: Iterable[tuple[np.ndarray, n
     spectrum_type : {"centroid", "profile"}
     polarity : {"positive", "negative"}
     uuid_key : str, optional
-        The file UUID is derived from this string (byte-identical output for equal input);
-        a random UUID when None.
+        The file UUID is derived from this string (default: the file name); equal inputs give
+        byte-identical files.
+    block_pixels : int
+        Spectra written per block.
 
     Returns
     -------
     pathlib.Path
         The ``.imzML`` path.
     """
+    from .imzml import ImzMLStreamWriter
+
     path = Path(path)
     if path.suffix.lower() != ".imzml":
         raise InputError(f"{path}: imzML output path must end with .imzML")
     if mode not in ("continuous", "processed"):
         raise InputError(f"{path}: mode must be 'continuous' or 'processed', not {mode!r}")
     xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
-    uid = _uuid_from_key(uuid_key) if uuid_key is not None else uuid.uuid4()
-    ibd_path = path.with_suffix(".ibd")
-    with atomic_output(path) as tmp_xml, atomic_output(ibd_path) as tmp_ibd:
-        stem = tmp_xml.with_name(tmp_xml.name + ".w")
-        parts = (Path(f"{stem}.imzML"), Path(f"{stem}.ibd"))
-        try:
-            n = 0
-            with _DeterministicImzMLWriter(str(stem) + ".imzML", uuid_value=uid, run_id=path.stem,
-                                           mode=mode, spec_type=spectrum_type, polarity=polarity,
-                                           mz_dtype=np.float64,
-                                           intensity_dtype=np.float32) as writer:
-                for (x, y), (mz, inten) in zip(xy, spectra_iter):
-                    writer.addSpectrum(np.asarray(mz, np.float64), np.asarray(inten, np.float32),
-                                       (int(x) + 1, int(y) + 1))
-                    n += 1
-                if n != len(xy):
-                    raise ValueError(f"{path}: {n} spectra for {len(xy)} coordinates")
-            if pixel_size_um is not None:
-                text = parts[0].read_text(encoding="ISO-8859-1")
-                parts[0].write_text(_insert_pixel_size(text, float(pixel_size_um)),
-                                    encoding="ISO-8859-1")
-            os.replace(parts[0], tmp_xml)
-            os.replace(parts[1], tmp_ibd)
-        finally:
-            for p in parts:
-                p.unlink(missing_ok=True)
+    spectra = iter(spectra_iter)
+    first = next(spectra, None)
+    if first is None:
+        raise ValueError(f"{path}: no spectra")
+    axis = np.asarray(first[0], np.float64) if mode == "continuous" else None
+    n = 0
+    with ImzMLStreamWriter(path, mode=mode, mz_dtype=np.float64, intensity_dtype=np.float32,
+                           mz_axis=axis, pixel_size_um=pixel_size_um, spectrum_type=spectrum_type,
+                           polarity=polarity, uuid_seed=uuid_key) as w:
+        block = [first]
+        for pair in spectra:
+            block.append(pair)
+            if len(block) == block_pixels:
+                w.add_block(*_block_csr(block), xy[n:n + len(block)])
+                n += len(block)
+                block = []
+        if block:
+            w.add_block(*_block_csr(block), xy[n:n + len(block)])
+            n += len(block)
+        if n != len(xy):
+            raise ValueError(f"{path}: {n} spectra for {len(xy)} coordinates")
     return path
 
 
-def _insert_pixel_size(xml: str, pixel_size_um: float) -> str:
-    """Add IMS pixel size x/y (micrometres) to the scan settings of a pyimzml-written imzML text."""
-    anchor = '<scanSettings id="scanSettings1">'
-    if anchor not in xml:
-        raise ValueError("imzML text has no scanSettings1 element")
-    params = "".join(
-        f'\n      <cvParam cvRef="IMS" accession="IMS:{acc}" name="{name}" '
-        f'value="{pixel_size_um:g}" unitCvRef="UO" unitAccession="UO:0000017" '
-        f'unitName="micrometer"/>'
-        for acc, name in (("1000046", "pixel size (x)"), ("1000047", "pixel size y")))
-    return xml.replace(anchor, anchor + params, 1)
+def _block_csr(block: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, mz, intensity) of a list of (mz, intensity) pairs."""
+    lengths = np.fromiter((len(m) for m, _ in block), np.int64, len(block))
+    indptr = np.zeros(len(block) + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return (indptr, np.concatenate([np.asarray(m, np.float64) for m, _ in block]),
+            np.concatenate([np.asarray(i, np.float32) for _, i in block]))
 
 
 # ------------------------------------------------------------------------------ section geometry

@@ -147,6 +147,37 @@ def test_dtypes_exact(tmp_path, mz_dtype, int_dtype):
         np.testing.assert_array_equal(i, inten)
 
 
+def test_metadata_carried_over(small):
+    path, _s, _c, out = small
+    edit_xml(path, add_pixel_size)
+    edit_xml(path, lambda t: t.replace('<instrumentConfiguration id="IC1">',
+                                       '<instrumentConfiguration id="IC1"><cvParam cvRef="MS" '
+                                       'accession="MS:1000557" name="LTQ FT Ultra" value=""/>'))
+    convert_imzml(path, out)
+    a = ConvertedReader(out).attrs
+    assert a["instrument"] == "LTQ FT Ultra" and a["polarity"] == "positive"
+    assert a["spectrum_type"] == "profile" and a["mode"] == "processed"
+    assert a["pixel_size_um"] == 25.0 and a["mz_range"] == (99.5, 500.0)
+    assert a["uuid"] == path.with_suffix(".ibd").read_bytes()[:16].hex()
+    assert a["mz_dtype"] == "float64" and a["format_version"] == 2
+
+
+def test_continuous_unsorted_axis_is_sorted(tmp_path, caplog):
+    mz = np.array([300.0, 100.0, 200.0])
+    ints = [np.array([3.0, 1.0, 0.0]), np.array([6.0, 4.0, 5.0])]
+    path = write_imzml(tmp_path / "c", [(mz, i) for i in ints], [(1, 1), (2, 1)],
+                       mode="continuous")
+    with caplog.at_level(logging.WARNING, logger="msifusion.convert"):
+        summary = convert_imzml(path, tmp_path / "c.h5")
+    r, mzs, got = read_all(tmp_path / "c.h5")
+    np.testing.assert_array_equal(r.mz_axis, [100.0, 200.0, 300.0])
+    np.testing.assert_array_equal(mzs[0], [100.0, 300.0])
+    np.testing.assert_array_equal(got[0], [1.0, 3.0])
+    np.testing.assert_array_equal(got[1], [4.0, 5.0, 6.0])
+    assert summary["n_sorted"] == 2
+    assert any("not increasing in 2 of 2 spectra" in m for m in caplog.messages)
+
+
 def test_coordinates_zero_based_with_z(tmp_path):
     spectra = [([100.0], [1.0])] * 3
     path = write_imzml(tmp_path / "z", spectra, [(1, 1, 2), (4, 3, 2), (1, 1, 3)])
@@ -288,6 +319,34 @@ def test_xml_level_errors(small, edit, match):
     path, _s, _c, out = small
     edit_xml(path, edit)
     assert_fails(path, out, match)
+
+
+def test_md5_mismatch(small):
+    path, _s, _c, out = small
+    edit_xml(path, lambda t: re.sub(r'accession="IMS:1000091" name="ibd SHA-1" value="\w+"',
+                                    'accession="IMS:1000090" name="ibd MD5" value="' + "a" * 32 + '"',
+                                    t))
+    assert_fails(path, out, r"small\.ibd: MD5 checksum mismatch \(imzML states a{32}")
+    assert convert_imzml(path, out, verify_checksum=False)["n_pixels"] == 4
+
+
+def _truncate_list(t):
+    return t[:t.index("<spectrum ", t.index("<spectrum ") + 1) + 300]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_truncate_list, r"small\.imzML: not a well-formed XML \(imzML\) file \(.* at line \d+, "
+                     r"column \d+\)"),
+    (lambda t: t.replace('<cvParam accession="IMS:1000050" cvRef="IMS" name="position x" '
+                         'value="2"/>', ""),
+     r"small\.imzML: spectrum 1: no position x \(IMS:1000050\)"),
+    (lambda t: t.replace('name="position y" value="2"', 'name="position y" value="two"', 1),
+     r"small\.imzML: spectrum 2: position y 'two' is not an integer"),
+])
+def test_malformed_spectrum_list(small, edit, match):
+    path, _s, _c, out = small
+    edit_xml(path, edit)
+    assert_fails(path, out, match, verify_checksum=False)
 
 
 def test_checksum_skipped_when_not_verified(small):
@@ -441,7 +500,7 @@ def assert_same_converted(a, b):
         assert rb.mz_axis is None
     else:
         np.testing.assert_array_equal(ra.mz_axis, rb.mz_axis)
-    for key in ("mode", "spectrum_type", "polarity", "image_shape", "mz_range"):
+    for key in ("mode", "spectrum_type", "polarity", "image_shape", "mz_range", "instrument"):
         assert ra.attrs[key] == rb.attrs[key], key
     assert ra.pixel_size_um == rb.pixel_size_um
 
