@@ -50,7 +50,7 @@ def cmd_nmf(a):
         axis_step(a.inputs, axis, ppm=a.ppm, min_pixels=a.min_pixels)
         nmf_step(converted, axis, a.out, modality=a.modality, rank=a.rank, normalize=a.normalize,
                  transform=a.transform, backend=a.backend, max_iter=a.max_iter, tol=a.tol,
-                 seed=a.seed)
+                 seed=a.seed, device=a.device, memory_gb=a.memory_gb)
     if a.figure:
         components_figure(a.out, a.figure)
 
@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["hals", "mu", "tensorly"], default="hals")
     s.add_argument("--max-iter", type=int, default=200)
     s.add_argument("--tol", type=float, default=1e-4)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a CUDA GPU when torch sees one")
+    s.add_argument("--memory-gb", type=float, default=8.0,
+                   help="memory budget; larger matrices run out of core")
     s.add_argument("--ppm", type=float, default=10.0, help="m/z bin width (ppm)")
     s.add_argument("--min-pixels", type=int, default=1)
     s.add_argument("--normalize", choices=["none", "tic", "rms"], default="none")

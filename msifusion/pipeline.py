@@ -68,13 +68,15 @@ def axis_step(converted: list[str], out: str, *, ppm: float, min_pixels: int = 1
 def nmf_step(converted: dict[str, str], axis: str, out: str, *, modality: str, rank: int,
              normalize: str = "none", transform: str = "none", backend: str = "hals",
              max_iter: int = 200, tol: float = 1e-4, seed: int = 0, figure: str | None = None,
-             pixel_size_um: float | None = None) -> None:
+             pixel_size_um: float | None = None, device: str = "auto", memory_gb: float = 8.0,
+             block_pixels: int | None = None) -> None:
     """Factorise all files of one modality into shared components; optional component figure."""
     from . import nmf, spectra
 
     ax = spectra.MzAxis.load(axis)
     res = nmf.run_nmf(converted, ax, out, rank=rank, normalize=normalize, transform=transform,
-                      backend=backend, max_iter=max_iter, tol=tol, seed=seed, modality=modality)
+                      backend=backend, max_iter=max_iter, tol=tol, seed=seed, modality=modality,
+                      device=device, memory_gb=memory_gb, block_pixels=block_pixels)
     log.info("NMF %s: rank %d, relative error %.4f after %d iterations", modality, rank,
              res.errors[-1], len(res.errors))
     if figure:

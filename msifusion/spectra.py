@@ -453,6 +453,41 @@ def normalize_rows(m: sp.csr_matrix, normalize: str) -> sp.csr_matrix:
     return m
 
 
+def iter_matrix_blocks(reader, axis: MzAxis, *, normalize: str = "none",
+                       transform: str = "none", block_pixels: int | None = None, stats=None):
+    """Bin the spectra of one converted file onto ``axis`` block by block.
+
+    Parameters are those of :func:`assemble_matrix`; ``stats`` (a dict, optional) receives the
+    summed intensity read (``"total"``) and kept on the axis (``"kept"``).
+
+    Yields
+    ------
+    start, stop : int
+        Pixels ``start:stop`` of the file.
+    block : scipy.sparse.csr_matrix, shape (stop - start, n_mz), float32
+    """
+    if normalize not in NORMALIZE:
+        raise InputError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if transform not in TRANSFORM:
+        raise InputError(f"transform must be one of {TRANSFORM}, got {transform!r}")
+    reader = reader if isinstance(reader, ConvertedReader) else ConvertedReader(reader)
+    stats = {} if stats is None else stats
+    stats.setdefault("kept", 0.0)
+    stats.setdefault("total", 0.0)
+    for start, stop, indptr, mz, inten in reader.iter_blocks(block_size(reader, block_pixels)):
+        if inten.size and inten.min() < 0:
+            i = int(np.searchsorted(indptr, np.flatnonzero(inten < 0)[0], side="right")) - 1
+            raise InputError(f"{reader.path}: spectrum {start + i} has negative intensities")
+        m = _block_matrix(indptr, mz, inten, axis)
+        stats["kept"] += float(m.data.sum())
+        stats["total"] += float(inten.sum(dtype=np.float64))
+        m = normalize_rows(m, normalize)
+        if transform == "sqrt":
+            np.sqrt(m.data, out=m.data)
+        log.debug("%s: binned pixels %d-%d", reader.path, start, stop)
+        yield start, stop, m.astype(np.float32)
+
+
 def assemble_matrix(reader, axis: MzAxis, *, normalize: str = "none", transform: str = "none",
                     block_pixels: int | None = None) -> sp.csr_matrix:
     """Bin all spectra of one converted file onto ``axis``.
@@ -477,28 +512,15 @@ def assemble_matrix(reader, axis: MzAxis, *, normalize: str = "none", transform:
         Row ``i`` is the pixel ``reader.xy[i]``; peaks falling in one column are summed; peaks
         outside every column are dropped.
     """
-    if normalize not in NORMALIZE:
-        raise InputError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    if transform not in TRANSFORM:
-        raise InputError(f"transform must be one of {TRANSFORM}, got {transform!r}")
     reader = reader if isinstance(reader, ConvertedReader) else ConvertedReader(reader)
-    parts = []
-    kept = total = 0.0
-    for start, stop, indptr, mz, inten in reader.iter_blocks(block_size(reader, block_pixels)):
-        if inten.size and inten.min() < 0:
-            i = int(np.searchsorted(indptr, np.flatnonzero(inten < 0)[0], side="right")) - 1
-            raise InputError(f"{reader.path}: spectrum {start + i} has negative intensities")
-        m = _block_matrix(indptr, mz, inten, axis)
-        kept += float(m.data.sum())
-        total += float(inten.sum(dtype=np.float64))
-        m = normalize_rows(m, normalize)
-        if transform == "sqrt":
-            np.sqrt(m.data, out=m.data)
-        parts.append(m.astype(np.float32))
-        log.debug("%s: binned pixels %d-%d", reader.path, start, stop)
+    stats: dict = {}
+    parts = [m for _s, _e, m in iter_matrix_blocks(reader, axis, normalize=normalize,
+                                                   transform=transform, block_pixels=block_pixels,
+                                                   stats=stats)]
     if not parts:
         return sp.csr_matrix((0, len(axis)), dtype=np.float32)
     out = sp.vstack(parts, format="csr", dtype=np.float32)
+    kept, total = stats["kept"], stats["total"]
     log.info("%s: %d pixels x %d m/z, %d values, %.1f%% of the intensity on the axis",
              reader.path, out.shape[0], out.shape[1], out.nnz, 100 * kept / total if total else 0)
     return out

@@ -49,9 +49,15 @@ rule nmf:
         tol=config["nmf"]["tol"],
         seed=config["seed"],
         pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
+        device=config["nmf"]["device"],
+        memory_gb=config["nmf"]["memory_gb"],
+        block_pixels=config["nmf"]["block_pixels"],
     threads: 2
     resources:
-        mem_mb=lambda wc, input, attempt: int(2000 + 4 * size_mb(input.converted)) * attempt,
+        # the NMF keeps to nmf.memory_gb (out of core beyond it); binning and HDF5 on top
+        mem_mb=lambda wc, input, attempt: int(
+            1500 + min(1024 * config["nmf"]["memory_gb"], 4 * size_mb(input.converted))
+        ) * attempt,
         runtime=lambda wc, input, attempt: int(20 + size_mb(input.converted) / 10) * attempt,
     retries: 1
     conda:
