@@ -113,23 +113,34 @@ def child_ours(a) -> dict:
     return {"points": points, "per_iter": per_iter}
 
 
+def _trajectory(X, fit, counts, budget: float) -> dict:
+    """(time, exact error) after runs of ``fit(max_iter) -> (W, H)`` for increasing counts (each
+    from the same deterministic start), until one takes longer than ``budget`` seconds; seconds
+    per iteration from the last two runs."""
+    points, per_iter, last = [], None, None
+    for it in counts:
+        t0 = time.perf_counter()
+        W, H = fit(it)
+        dt = time.perf_counter() - t0
+        points.append((dt, exact_error(X, W, H)))
+        if last is not None:
+            per_iter = (dt - last[1]) / (it - last[0])
+        last = (it, dt)
+        if dt > budget:
+            break
+    return {"points": points, "per_iter": per_iter}
+
+
 def child_sklearn(a) -> dict:
     from sklearn.decomposition import NMF
 
     X = _load(a)
-    points, per_iter, last = [], None, None
-    for it in (1, 2, 5, 10, 20, 40, 80, 160, 320):
-        t0 = time.perf_counter()
+
+    def fit(it):
         model = NMF(RANK, init="nndsvda", solver=a.solver, max_iter=it, tol=0.0, random_state=0)
-        W = model.fit_transform(X)
-        dt = time.perf_counter() - t0
-        points.append((dt, exact_error(X, W, model.components_)))
-        if last is not None:
-            per_iter = (dt - last[1]) / (it - last[0])
-        last = (it, dt)
-        if dt > a.budget:
-            break
-    return {"points": points, "per_iter": per_iter}
+        return model.fit_transform(X), model.components_
+
+    return _trajectory(X, fit, (1, 2, 5, 10, 20, 40, 80, 160, 320), a.budget)
 
 
 def child_tensorly(a) -> dict:
@@ -138,21 +149,14 @@ def child_tensorly(a) -> dict:
 
     X = _load(a)
     T = sparse.COO.from_scipy_sparse(sp.coo_matrix(X, dtype=np.float64))
-    points, per_iter, last = [], None, None
-    for it in (1, 2, 4, 8):
-        t0 = time.perf_counter()
-        (weights, factors) = non_negative_parafac(T, RANK, n_iter_max=it, init="random", tol=0,
-                                                  random_state=0)
-        dt = time.perf_counter() - t0
+
+    def fit(it):
+        weights, factors = non_negative_parafac(T, RANK, n_iter_max=it, init="random", tol=0,
+                                                random_state=0)
         W = np.asarray(factors[0].todense()) * np.asarray(weights.todense())
-        H = np.asarray(factors[1].todense()).T
-        points.append((dt, exact_error(X, W, H)))
-        if last is not None:
-            per_iter = (dt - last[1]) / (it - last[0])
-        last = (it, dt)
-        if dt > a.budget:
-            break
-    return {"points": points, "per_iter": per_iter}
+        return W, np.asarray(factors[1].todense()).T
+
+    return _trajectory(X, fit, (1, 2, 4, 8), a.budget)
 
 
 def child_tofsims(a) -> dict:
