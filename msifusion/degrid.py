@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import InputError
 from .nmf import read_nmf, write_nmf
+from .store import ConvertedReader, ConvertedWriter
 
 log = logging.getLogger("msifusion.degrid")
 
@@ -65,6 +66,21 @@ def _check_fits(shape, tile, where="image"):
     if ty > shape[-2] or tx > shape[-1]:
         raise InputError(f"{where}: tile {ty} x {tx} px does not fit the {shape[-2]} x {shape[-1]} "
                          "px image")
+
+
+def check_tile_divides(shape, tile, where: str = "image") -> None:
+    """Raise :class:`InputError` unless the image ``(..., ny, nx)`` is a whole number of tiles.
+
+    A configured tile that does not divide the acquisition is most likely the wrong tile size
+    (scan mosaics are whole tiles); a detected tile may leave partial edge tiles.
+    """
+    ty, tx = _tile_pair(tile)
+    ny, nx = shape[-2], shape[-1]
+    if ny % ty or nx % tx:
+        raise InputError(
+            f"{where}: the configured tile {ty} x {tx} px does not divide the {ny} x {nx} px image "
+            f"(remainders {ny % ty} px in y, {nx % tx} px in x); check grid.tile_px, or set it to "
+            "null to detect the tile from the data")
 
 
 def weighted_total(stack: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -517,7 +533,8 @@ def grid_energy(image: np.ndarray, tile) -> float:
 
 def degrid_nmf_file(in_path, out_path, *, tile, method: str = "gain",
                     per_component: bool = False, min_period: int = 8,
-                    max_period: int = 256) -> dict[str, tuple[int, int]]:
+                    max_period: int = 256, report: dict | None = None
+                    ) -> dict[str, tuple[int, int]]:
     """Remove the tile grid from every map stack of an NMF file; write the same layout.
 
     Parameters
@@ -533,11 +550,20 @@ def degrid_nmf_file(in_path, out_path, *, tile, method: str = "gain",
         the maps weighted by the spectra's row sums).
     min_period, max_period : int
         Detection range when ``tile`` is None.
+    report : dict, optional
+        Filled with, per file id: ``tile``, ``method``, ``stage``, ``energy_before``,
+        ``energy_after`` (:func:`grid_energy` of the total image) and the total images ``before``
+        / ``after`` (ny, nx).
 
     Returns
     -------
     dict file_id -> (ty, tx)
         Tile used for each file.
+
+    Raises
+    ------
+    InputError
+        A configured tile that does not divide an image; no periodicity found when detecting.
     """
     nmf = read_nmf(in_path)
     weights = nmf["spectra"].astype(np.float64).sum(axis=1)
@@ -552,17 +578,132 @@ def degrid_nmf_file(in_path, out_path, *, tile, method: str = "gain",
                 raise InputError(f"{where}: {err}") from err
         else:
             t = _tile_pair(tile)
+            check_tile_divides(stack.shape, t, where)
         _check_fits(stack.shape, t, where)
-        before = grid_energy(weighted_total(stack, weights), t)
+        total_before = weighted_total(stack, weights)
         maps[fid] = remove_grid(stack, t, method, per_component=per_component,
                                 component_weights=weights)
-        after = grid_energy(weighted_total(maps[fid], weights), t)
+        total_after = weighted_total(maps[fid], weights)
+        before, after = grid_energy(total_before, t), grid_energy(total_after, t)
         log.info("%s: tile %s, %s correction, grid energy of the total image %.4f -> %.4f",
                  where, t, method, before, after)
         tiles[fid] = t
+        if report is not None:
+            report[fid] = {"tile": list(t), "method": method, "stage": "after_nmf",
+                           "energy_before": before, "energy_after": after,
+                           "before": total_before, "after": total_after}
     map_attrs = {fid: dict(a, tile=tiles[fid]) for fid, a in nmf["map_attrs"].items()}
     attrs = dict(nmf["attrs"], degrid_method=method, degrid_per_component=bool(per_component),
                  degrid_source=str(in_path))
     write_nmf(out_path, spectra=nmf["spectra"], mz=nmf["mz"], errors=nmf["errors"], maps=maps,
               map_attrs=map_attrs, attrs=attrs)
     return tiles
+
+
+# ----------------------------------------------------------------------------------------------
+# Before NMF: the converted (sparse) spectra, row by row
+# ----------------------------------------------------------------------------------------------
+
+def _mz_block_edges(reader: ConvertedReader, mz_blocks: int) -> np.ndarray:
+    """Edges (mz_blocks + 1,) splitting the file's m/z range into log-equal blocks."""
+    lo, hi = (float(v) for v in reader.attrs.get("mz_range", (np.nan, np.nan)))
+    if mz_blocks <= 1 or not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
+        return np.array([-np.inf, np.inf])
+    edges = np.geomspace(lo, hi, int(mz_blocks) + 1)
+    edges[0], edges[-1] = -np.inf, np.inf
+    return edges
+
+
+def _block_images(reader: ConvertedReader, edges: np.ndarray, block_pixels: int) -> np.ndarray:
+    """Summed intensity of each m/z block at each pixel, (n_blocks, ny, nx), NaN where not
+    acquired (one streaming pass; nothing dense in m/z)."""
+    nb = len(edges) - 1
+    sums = np.zeros((reader.n_pixels, nb))
+    for start, stop, indptr, mz, inten in reader.iter_blocks(block_pixels):
+        rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+        b = np.clip(np.searchsorted(edges, mz, side="right") - 1, 0, nb - 1)
+        sums[start:stop] = np.bincount(rows * nb + b, weights=inten.astype(np.float64),
+                                       minlength=(stop - start) * nb).reshape(stop - start, nb)
+    return np.moveaxis(reader.to_image(sums), -1, 0)
+
+
+def degrid_converted(in_path, out_path, *, tile, method: str = "gain", mz_blocks: int = 1,
+                     block_pixels: int = 65536, min_period: int = 8, max_period: int = 256,
+                     report: dict | None = None) -> tuple[int, int]:
+    """Flat-field the tile gain out of a converted file, value by value (never dense).
+
+    The gain of each in-tile position (:func:`estimate_gain`) is estimated from the summed image
+    of each of ``mz_blocks`` log-equal m/z blocks (one pass), then every stored intensity is
+    divided by the gain of its pixel's in-tile position and m/z block (second pass). Zeros stay
+    zeros; memory holds one row block plus ``mz_blocks`` images.
+
+    Parameters
+    ----------
+    in_path, out_path : path-like
+        Converted files (layout of :mod:`msifusion.store`); the output keeps the layout, with
+        float32 (or the input's float64) intensities.
+    tile : int, (ty, tx) or None
+        Tile size in pixels (must divide the image); None detects it from the total image.
+    method : {"gain"}
+        ``"subtract"`` is refused here: subtracting a mean tile from every m/z would fill the
+        zeros (use it after NMF, on the component maps).
+    mz_blocks : int
+        Number of m/z blocks with their own gain (1: one gain for all m/z).
+    block_pixels : int
+        Pixels read per block.
+    report : dict, optional
+        Filled with ``tile``, ``method``, ``stage``, ``energy_before``, ``energy_after``,
+        ``before`` / ``after`` total images and ``gains`` (mz_blocks, ty, tx).
+
+    Returns
+    -------
+    (ty, tx)
+        The tile used.
+    """
+    if method != "gain":
+        raise InputError(f"{in_path}: grid removal before NMF supports method 'gain' only "
+                         f"('{method}' would fill the zeros of every m/z image); use "
+                         "grid.stage: after_nmf for the published 'subtract'")
+    if int(mz_blocks) < 1:
+        raise InputError(f"{in_path}: mz_blocks must be >= 1, got {mz_blocks}")
+    reader = ConvertedReader(in_path)
+    edges = _mz_block_edges(reader, int(mz_blocks))
+    images = _block_images(reader, edges, block_pixels)           # (B, ny, nx)
+    total = np.where(np.isnan(images).all(axis=0), np.nan, np.nansum(images, axis=0))
+    if tile is None:
+        try:
+            t = detect_tile_period(total, min_period=min_period, max_period=max_period)
+        except InputError as err:
+            raise InputError(f"{in_path}: {err}") from err
+    else:
+        t = _tile_pair(tile)
+        check_tile_divides(total.shape, t, str(in_path))
+    _check_fits(total.shape, t, str(in_path))
+    ty, tx = t
+    gains = np.stack([np.asarray(estimate_gain(img, t)).reshape(t) if np.nansum(img) > 0
+                      else np.ones(t) for img in images])           # (B, ty, tx)
+    inv = 1.0 / np.maximum(gains, MIN_GAIN)
+    out_dtype = np.float64 if reader.intensity_dtype == np.float64 else np.float32
+    attrs = dict(reader.attrs, degrid_method=method, degrid_tile=t, degrid_mz_blocks=int(mz_blocks),
+                 degrid_source=str(in_path))
+    shared = reader.mz_axis is not None
+    with ConvertedWriter(out_path, n_pixels=reader.n_pixels, attrs=attrs,
+                         intensity_dtype=out_dtype, mz_axis=reader.mz_axis) as w:
+        for start, stop, indptr, mz, inten in reader.iter_blocks(block_pixels, channels=shared):
+            rows = np.repeat(np.arange(start, stop), np.diff(indptr))
+            x, y = reader.xy[rows, 0], reader.xy[rows, 1]
+            mz_values = reader.mz_axis[mz] if shared else mz
+            b = np.clip(np.searchsorted(edges, mz_values, side="right") - 1, 0, len(gains) - 1)
+            w.append(indptr, mz, (inten * inv[b, y % ty, x % tx]).astype(out_dtype))
+        w.set_pixels(reader.xy, reader.z)
+    after_images = images * inv[:, np.arange(total.shape[0])[:, None] % ty,
+                                np.arange(total.shape[1])[None, :] % tx]
+    after = np.where(np.isnan(after_images).all(axis=0), np.nan, np.nansum(after_images, axis=0))
+    before_e, after_e = grid_energy(total, t), grid_energy(after, t)
+    log.info("%s: tile %s, gain correction in %d m/z block(s), grid energy of the total image "
+             "%.4f -> %.4f", in_path, t, len(gains), before_e, after_e)
+    if report is not None:
+        report.update(tile=list(t), method=method, stage="before_nmf", mz_blocks=len(gains),
+                      energy_before=before_e, energy_after=after_e, before=total, after=after,
+                      gains=gains)
+    return t

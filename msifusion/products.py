@@ -296,6 +296,24 @@ def save_image_png(img: np.ndarray, path: str | os.PathLike, *, pixel_size_um: f
     _save_figure(fig, path)
 
 
+def plot_before_after(before: np.ndarray, after: np.ndarray, path: str | os.PathLike, *,
+                      pixel_size_um: float, titles=("before", "after"), suptitle: str = "",
+                      label: str = "intensity (a.u.)") -> None:
+    """Two images (ny, nx) side by side on one colour scale each, with scale bars (QC figure)."""
+    before, after = np.asarray(before), np.asarray(after)
+    if before.ndim != 2 or before.shape != after.shape:
+        raise InputError(f"{path}: before/after images must both be (ny, nx), got {before.shape} "
+                         f"and {after.shape}")
+    ny, nx = before.shape
+    fig = _new_figure(10.0, max(2.5, 5.0 * ny / max(nx, 1)) + 0.5)
+    for i, (img, title) in enumerate(zip((before, after), titles)):
+        _draw_map(fig, fig.add_subplot(1, 2, i + 1), img, pixel_size_um=pixel_size_um,
+                  cmap="viridis", label=label, title=title)
+    if suptitle:
+        fig.suptitle(suptitle)
+    _save_figure(fig, path)
+
+
 def _stems(ax, mz, values, **kw):
     """Stick spectrum (vertical lines from 0), suited to binned peak lists."""
     ax.vlines(np.asarray(mz), 0, np.asarray(values), linewidth=0.8, **kw)

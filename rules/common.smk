@@ -35,14 +35,22 @@ def lib(module):
     return os.path.join(workflow.basedir, "msifusion", f"{module}.py")
 
 
+def grid_stage(modality):
+    """Where the modality's tile grid is removed: None, "before_nmf" or "after_nmf"."""
+    grid = MODS[modality]["grid"]
+    return grid["stage"] if grid["enabled"] else None
+
+
 def converted(modality):
-    """Converted HDF5 files of one modality, in sheet order."""
-    return [f"results/converted/{modality}/{fid}.h5" for fid in STUDY.files(modality)]
+    """Converted HDF5 files of one modality as the NMF reads them (grid-corrected when the grid
+    is removed before NMF), in sheet order."""
+    folder = "degrid/" if grid_stage(modality) == "before_nmf" else ""
+    return [f"results/converted/{modality}/{folder}{fid}.h5" for fid in STUDY.files(modality)]
 
 
 def components(modality):
-    """The modality's component file used downstream (grid-corrected when configured)."""
-    suffix = ".degrid" if MODS[modality]["grid"]["enabled"] else ""
+    """The modality's component file used downstream (grid-corrected after NMF when so set)."""
+    suffix = ".degrid" if grid_stage(modality) == "after_nmf" else ""
     return f"results/nmf/{modality}{suffix}.h5"
 
 

@@ -74,6 +74,8 @@ rule degrid:
     output:
         nmf="results/nmf/{modality}.degrid.h5",
         figure="results/nmf/{modality}_components.degrid.png",
+        qc="results/nmf/{modality}.degrid_qc.png",
+        report="results/nmf/{modality}.degrid.json",
     log:
         "logs/degrid/{modality}.log",
     params:
@@ -87,3 +89,30 @@ rule degrid:
         "../envs/nmf.yaml"
     script:
         "../scripts/degrid.py"
+
+
+rule degrid_converted:
+    """Remove the scan-tile grid from one converted file before NMF (gain, value by value)."""
+    input:
+        converted="results/converted/{modality}/{file_id}.h5",
+        code=[lib("degrid"), lib("store")],
+    output:
+        converted="results/converted/{modality}/degrid/{file_id}.h5",
+        qc="results/converted/{modality}/degrid/{file_id}_qc.png",
+        report="results/converted/{modality}/degrid/{file_id}.json",
+    log:
+        "logs/degrid_converted/{modality}/{file_id}.log",
+    benchmark:
+        "results/benchmarks/degrid_converted/{modality}/{file_id}.tsv"
+    params:
+        tile_px=lambda wc: MODS[wc.modality]["grid"]["tile_px"],
+        method=lambda wc: MODS[wc.modality]["grid"]["method"],
+        mz_blocks=lambda wc: MODS[wc.modality]["grid"]["mz_blocks"],
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: int(1000 + 2 * size_mb(input.converted)) * attempt,
+        runtime=lambda wc, input, attempt: int(10 + size_mb(input.converted) / 50) * attempt,
+    conda:
+        "../envs/nmf.yaml"
+    script:
+        "../scripts/degrid_converted.py"

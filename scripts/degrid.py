@@ -7,4 +7,5 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion packa
 from msifusion.pipeline import degrid_step, run_job
 
 run_job(snakemake, degrid_step, nmf_in=snakemake.input.nmf, out=snakemake.output.nmf,
-        figure=snakemake.output.figure, **snakemake.params)
+        figure=snakemake.output.figure, qc=snakemake.output.qc, report=snakemake.output.report,
+        **snakemake.params)

@@ -6,8 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from msifusion.degrid import (degrid_nmf_file, detect_tile_period, estimate_gain, grid_energy,
-                              mean_tile, remove_grid)
+from msifusion.degrid import (check_tile_divides, degrid_converted, degrid_nmf_file,
+                              detect_tile_period, estimate_gain, grid_energy, mean_tile,
+                              remove_grid)
+from msifusion.store import ConvertedReader, write_converted
 from msifusion.errors import InputError
 from msifusion.nmf import read_nmf, write_nmf
 
@@ -162,7 +164,8 @@ def test_degrid_nmf_file(tmp_path):
             assert grid_energy(d["maps"][fid][j], 30) < 0.05 * grid_energy(s["maps"][fid][j], 30)
     with h5py.File(out, "r") as f:
         assert set(f) == {"spectra", "mz", "errors", "maps"}
-    with pytest.raises(InputError, match=r"tofsims\.h5.*/maps/b.*tile 100 x 100"):
+    with pytest.raises(InputError, match=r"tofsims\.h5: /maps/a: the configured tile 100 x 100 px "
+                                         r"does not divide the 120 x 150 px image"):
         degrid_nmf_file(src, tmp_path / "x.h5", tile=100, method="subtract")
     assert not (tmp_path / "x.h5").exists()
 
@@ -184,3 +187,148 @@ def test_real_tofsims_no_false_grid_and_gain_correction():
     assert corr[0] < 0.98
     assert corr[1] > 0.995
     assert corr[1] > corr[2]
+
+
+@pytest.mark.parametrize("tile", [40, 64, 80])
+def test_planted_gain_detected_and_removed(tile):
+    """Done-when of the grid removal: tile found automatically, >= 95 % of the tile-harmonic
+    energy gone, and the corrected image closer to the gain-free truth than the observed one."""
+    shape = (4 * tile, 5 * tile)
+    clean = smooth_image(*shape, seed=tile)
+    obs = clean * tiled(vignette(tile, tile), shape)
+    t = detect_tile_period(obs)
+    assert t == (tile, tile)
+    corrected = remove_grid(obs, t, "gain")
+    assert grid_energy(corrected, t) <= 0.05 * grid_energy(obs, t)
+    r_obs = np.corrcoef(obs.ravel(), clean.ravel())[0, 1]
+    r_cor = np.corrcoef(corrected.ravel(), clean.ravel())[0, 1]
+    assert r_cor > r_obs and r_cor > 0.999
+
+
+def test_check_tile_divides():
+    check_tile_divides((160, 200), 40)
+    with pytest.raises(InputError, match=r"x: the configured tile 30 x 30 px does not divide the "
+                                         r"100 x 100 px image \(remainders 10 px in y, 10 px"):
+        check_tile_divides((3, 100, 100), 30, "x")
+
+
+def sparse_cube(shape, gain, n_mz=50, seed=0, gain2=None):
+    """Converted file content: each pixel holds a few peaks of a smooth image times a tile gain
+    (gain2 applies above m/z 316, the log-middle of 100-1000, instead when given)."""
+    rng = np.random.default_rng(seed)
+    clean = smooth_image(*shape, seed=seed)
+    ny, nx = shape
+    mz_axis = np.linspace(100, 1000, n_mz)
+    indptr, mz, inten, xy, truth = [0], [], [], [], []
+    for y in range(ny):
+        for x in range(nx):
+            cols = np.sort(rng.choice(n_mz, 4, replace=False))
+            base = clean[y, x] * rng.uniform(0.9, 1.1, 4)
+            g = np.where(mz_axis[cols] < 316, gain[y, x], gain2[y, x] if gain2 is not None
+                         else gain[y, x])
+            mz.append(mz_axis[cols])
+            inten.append((base * g).astype(np.float32))
+            truth.append(base)
+            xy.append((x, y))
+            indptr.append(indptr[-1] + 4)
+    return (np.array(indptr), np.concatenate(mz), np.concatenate(inten), np.array(xy),
+            np.concatenate(truth))
+
+
+def test_degrid_converted_gain_sparse(tmp_path):
+    shape, tile = (120, 160), 40
+    gain = tiled(vignette(tile, tile), shape)
+    indptr, mz, inten, xy, truth = sparse_cube(shape, gain)
+    src = tmp_path / "t.h5"
+    write_converted(src, indptr=indptr, mz=mz, intensity=inten, xy=xy,
+                    attrs={"pixel_size_um": 1.0, "mode": "processed", "mz_range": (100.0, 1000.0)})
+    report = {}
+    assert degrid_converted(src, tmp_path / "d.h5", tile=None, report=report) == (tile, tile)
+    r = ConvertedReader(tmp_path / "d.h5")
+    (_s, _e, ip, m, v), = r.iter_blocks(10 ** 6)
+    np.testing.assert_array_equal(ip, indptr)                 # zeros stay zeros: same values
+    np.testing.assert_array_equal(m, mz)
+    ratio = v / truth                                         # gain removed up to a constant
+    assert ratio.std() / ratio.mean() < 0.02
+    assert report["energy_after"] <= 0.05 * report["energy_before"]
+    assert r.attrs["degrid_tile"] == (tile, tile) and r.attrs["degrid_method"] == "gain"
+
+
+def test_degrid_converted_per_mz_block(tmp_path):
+    shape, tile = (160, 160), 40
+    g1 = tiled(vignette(tile, tile, depth=0.4), shape)
+    ramp = np.tile(0.7 + 0.6 * np.arange(tile) / tile, (tile, 1))    # another pattern at high m/z
+    g2 = tiled(ramp, shape)
+    indptr, mz, inten, xy, truth = sparse_cube(shape, g1, gain2=g2, seed=4)
+    src = tmp_path / "t.h5"
+    write_converted(src, indptr=indptr, mz=mz, intensity=inten, xy=xy,
+                    attrs={"pixel_size_um": 1.0, "mode": "processed", "mz_range": (100.0, 1000.0)})
+    cv = {}
+    for blocks in (1, 2):
+        degrid_converted(src, tmp_path / f"d{blocks}.h5", tile=tile, mz_blocks=blocks)
+        (_s, _e, _ip, m, v), = ConvertedReader(tmp_path / f"d{blocks}.h5").iter_blocks(10 ** 6)
+        worst = []
+        for sel in (m < 316, m >= 316):
+            ratio = v[sel] / truth[sel]
+            worst.append(ratio.std() / ratio.mean())
+        cv[blocks] = max(worst)
+    assert cv[2] < 0.04 < cv[1]
+
+
+def test_degrid_converted_errors_and_never_dense(tmp_path):
+    import tracemalloc
+
+    shape = (100, 100)
+    indptr, mz, inten, xy, _t = sparse_cube(shape, tiled(vignette(25, 25), shape), n_mz=10_000)
+    src = tmp_path / "t.h5"
+    write_converted(src, indptr=indptr, mz=mz, intensity=inten, xy=xy,
+                    attrs={"pixel_size_um": 1.0, "mode": "processed", "mz_range": (100.0, 1000.0)})
+    with pytest.raises(InputError, match=r"t\.h5: grid removal before NMF supports method 'gain'"):
+        degrid_converted(src, tmp_path / "x.h5", tile=25, method="subtract")
+    with pytest.raises(InputError, match=r"configured tile 30 x 30 px does not divide"):
+        degrid_converted(src, tmp_path / "x.h5", tile=30)
+    assert not (tmp_path / "x.h5").exists()
+    # 10,000 pixels x 10,000 m/z would be 800 MB dense; the sparse path stays far below
+    tracemalloc.start()
+    degrid_converted(src, tmp_path / "d.h5", tile=25, mz_blocks=4, block_pixels=2000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20 * 2 ** 20
+
+
+@pytest.mark.real
+def test_real_cube_injected_gain_sparse_path(tmp_path):
+    """The real ToF-SIMS cube with a multiplicative 32-px tile pattern injected, corrected value by
+    value on the converted data: the TIC image error (relative L2, after the best constant scale)
+    drops from 15 % to 5 %, as the map-level correction of the TIC image does. (Issue 5 asks for
+    2 %: the gain estimate is limited by the wood texture; open.)"""
+    path = REAL / "tofsims_poplar" / "tofsims_trift_poplar_256x256.h5"
+    if not path.exists():
+        pytest.skip(f"real data not available at {path}")
+    with h5py.File(path, "r") as f:
+        cube, mz_axis = f["intensities"][:].astype(np.float32), f["mz"][:]
+    ny, nx, n_mz = cube.shape
+    gain = tiled(vignette(32, 32, depth=0.6), (ny, nx)).astype(np.float32)
+    flat = (cube * gain[..., None]).reshape(ny * nx, n_mz)
+    rows, cols = np.nonzero(flat)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=ny * nx))])
+    yy, xx = np.divmod(np.arange(ny * nx), nx)
+    src = tmp_path / "cube.h5"
+    write_converted(src, indptr=indptr, mz=mz_axis[cols].astype(np.float64),
+                    intensity=flat[rows, cols], xy=np.c_[xx, yy],
+                    attrs={"pixel_size_um": 1.0, "mode": "processed",
+                           "mz_range": (float(mz_axis.min()), float(mz_axis.max()))})
+    degrid_converted(src, tmp_path / "d.h5", tile=32)
+    r = ConvertedReader(tmp_path / "d.h5")
+    tic = r.to_image(r.tic())
+    truth = cube.sum(axis=2)
+    scale = float((tic * truth).sum() / (tic * tic).sum())
+    err = np.linalg.norm(scale * tic - truth) / np.linalg.norm(truth)
+    observed = flat.sum(axis=1).reshape(ny, nx)
+    s_obs = float((observed * truth).sum() / (observed * observed).sum())
+    err_obs = np.linalg.norm(s_obs * observed - truth) / np.linalg.norm(truth)
+    map_level = remove_grid(observed, 32, "gain")
+    s_map = float((map_level * truth).sum() / (map_level * map_level).sum())
+    err_map = np.linalg.norm(s_map * map_level - truth) / np.linalg.norm(truth)
+    assert err == pytest.approx(err_map, rel=0.05)            # the sparse path = the map path
+    assert err < 0.06 and err_obs > 0.14

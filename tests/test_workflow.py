@@ -44,7 +44,7 @@ def small_config(sheet: str, chain, *, tile_px=None, truth="study/truth") -> dic
     return cfg
 
 
-def setup_study(workdir: Path, chain=("fticr", "maldi", "tofsims"), tile_px=40, grid_tile_px=40,
+def setup_study(workdir: Path, chain=("fticr", "maldi", "tofsims"), tile_px=25, grid_tile_px=25,
                 **cfg_kw):
     summary = generate_study(workdir / "study", preset="small", seed=1, chain=chain, tile_px=tile_px)
     cfg = small_config("study/sections.tsv", chain, tile_px=grid_tile_px, **cfg_kw)
@@ -77,12 +77,30 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def three_modality_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("wf3")
-    summary, cfg = setup_study(workdir, tile_px=32, grid_tile_px=32)
+    summary, cfg = setup_study(workdir, tile_px=20, grid_tile_px=20)   # tiles divide 100 x 100
     cfg["export"] = {"imzml": True}
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     dry = snakemake(workdir, "-n")
     snakemake(workdir)
     return workdir, summary, cfg, dry.stdout + dry.stderr
+
+
+def test_grid_before_nmf_dag(tmp_path):
+    """grid.stage before_nmf: one degrid_converted job per ToF-SIMS file feeding the NMF, no
+    map-level degrid; a configured tile that does not divide the image stops that job clearly."""
+    summary, cfg = setup_study(tmp_path)
+    cfg["modalities"]["tofsims"]["grid"].update(stage="before_nmf", mz_blocks=2)
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    dry = snakemake(tmp_path, "-n")
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts["degrid_converted"] == len(summary["sections"]) and "degrid" not in counts
+    cfg["modalities"]["tofsims"]["grid"]["tile_px"] = 30
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = snakemake(tmp_path, "results/converted/tofsims/degrid/tofsims_s01.h5", check=False)
+    assert proc.returncode != 0
+    assert "configured tile 30 x 30 px does not divide the 100 x 100 px image" in (
+        proc.stdout + proc.stderr)
+    assert not (tmp_path / "results" / "converted" / "tofsims" / "degrid" / "tofsims_s01.h5").exists()
 
 
 def test_dry_run_has_per_section_jobs(three_modality_run):
