@@ -305,7 +305,7 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, path: str | os.Path
         raise InputError(f"{path}: before/after images must both be (ny, nx), got {before.shape} "
                          f"and {after.shape}")
     ny, nx = before.shape
-    fig = _new_figure(10.0, max(2.5, 5.0 * ny / max(nx, 1)) + 0.5)
+    fig = _new_figure(10.0, max(2.5, 4.0 * ny / max(nx, 1)) + 0.6)
     for i, (img, title) in enumerate(zip((before, after), titles)):
         _draw_map(fig, fig.add_subplot(1, 2, i + 1), img, pixel_size_um=pixel_size_um,
                   cmap="viridis", label=label, title=title)

@@ -9,8 +9,9 @@ import tifffile
 from matplotlib.image import imread
 
 from msifusion.errors import InputError
-from msifusion.products import (ion_image, mz_window, plot_components, plot_spectrum, read_fused,
-                                roi_mean_spectrum, save_image_png, save_tiff, write_fused)
+from msifusion.products import (ion_image, mz_window, plot_before_after, plot_components,
+                                plot_spectrum, read_fused, roi_mean_spectrum, save_image_png,
+                                save_tiff, write_fused)
 
 MZ = np.array([100.0, 100.0004, 100.01, 200.0, 300.0])
 SPECTRA = np.array([[1.0, 2.0, 4.0, 0.0, 1.0],
@@ -140,3 +141,13 @@ def test_spectrum_and_component_figures(tmp_path):
     h = imread(comp).shape[0]
     plot_components(maps, spectra, MZ, tmp_path / "all.png", pixel_size_um=10.0, max_components=8)
     assert imread(tmp_path / "all.png").shape[0] > h      # one more row drawn
+
+
+def test_plot_before_after(tmp_path):
+    a = np.random.default_rng(0).random((30, 40))
+    a[0, 0] = np.nan
+    plot_before_after(a, 2 * a, tmp_path / "qc.png", pixel_size_um=2.0, suptitle="tile 10 x 10")
+    assert (tmp_path / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(InputError, match=r"x\.png: before/after images must both be \(ny, nx\)"):
+        plot_before_after(a, a[:, :5], tmp_path / "x.png", pixel_size_um=2.0)
+    assert not (tmp_path / "x.png").exists()
