@@ -237,20 +237,6 @@ def _torch_dtype(dtype: str):
     return torch.float32 if dtype == "float32" else torch.float64
 
 
-def _products(X: RowBlocks, right=None, left=None):
-    """Block products: ``X @ right`` (right: (m, l) -> (n, l)) or ``left @ X`` with left (l, n)
-    (-> (l, m)); torch tensors on the compute device."""
-    import torch
-
-    tdt = _torch_dtype(X.dtype)
-    if right is not None:
-        return torch.cat([Xb @ right for _s, _e, Xb, _t in X], dim=0)
-    out = torch.zeros((left.shape[0], X.n_cols), dtype=tdt, device=X.device)
-    for s, e, _Xb, XbT in X:
-        out += (XbT @ left[:, s:e].T.contiguous()).T
-    return out
-
-
 def _randomized_svd(X: RowBlocks, rank: int, seed: int, n_iter: int = 2):
     """Truncated SVD ``U (n, k) float32 (a transposed view of a (k, n) array), S (k,), Vt (k, m)``
     by a randomized subspace iteration
@@ -450,14 +436,6 @@ def _iterate(X: RowBlocks, start: list, backend: str, max_iter: int, tol: float,
             break
         prev = err
     return Wt.T.cpu().numpy(), H.cpu().double().numpy(), errors, times
-
-
-def _sq_norm(X) -> float:
-    if sp.issparse(X):
-        d = X.data.astype(np.float64)
-        return float(d @ d)
-    d = np.asarray(X, dtype=np.float64).ravel()
-    return float(d @ d)
 
 
 # ---------------------------------------------------------------------------------------------
