@@ -24,7 +24,7 @@ import numpy as np
 from .errors import InputError
 from .imzml import (BLOCK_BYTES, CHUNK_BYTES, ImzMLStreamWriter, SpectrumIndex, find_ibd,
                     iter_spectra, read_imzml_header, read_index)
-from .store import ConvertedReader, ConvertedWriter
+from .store import ConvertedReader, ConvertedWriter, value_rows
 
 log = logging.getLogger("msifusion.convert")
 
@@ -171,7 +171,7 @@ def _sort_rows(path: Path, first: int, indptr: np.ndarray, mz: np.ndarray, inten
     down[indptr[1:-1][indptr[1:-1] > 0] - 1] = False       # steps between two spectra
     if not down.any():
         return mz, intensity, 0
-    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    rows = value_rows(indptr)
     n_sorted = len(np.unique(rows[1:][down]))
     order = np.lexsort((mz, rows))
     return mz[order], intensity[order], n_sorted
@@ -363,7 +363,7 @@ def convert_imzml(
 def _top_n(indptr: np.ndarray, mz: np.ndarray, intensity: np.ndarray, top_n: int
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keep the ``top_n`` most intense values of each spectrum (in m/z order; ties: lower m/z)."""
-    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    rows = value_rows(indptr)
     order = np.lexsort((np.arange(len(rows)), -intensity.astype(np.float64), rows))
     rank = np.arange(len(rows)) - np.repeat(indptr[:-1], np.diff(indptr))
     keep = np.sort(order[rank < top_n])                   # sorted by row, then by m/z position
@@ -462,7 +462,7 @@ def export_imzml(
                                                                 channels=out_mode == "continuous"):
                 if out_mode == "continuous":
                     dense = np.zeros((stop - start, len(r.mz_axis)), r.intensity_dtype)
-                    rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+                    rows = value_rows(indptr)
                     dense[rows, mz] = inten
                     indptr = np.arange(stop - start + 1, dtype=np.int64) * len(r.mz_axis)
                     inten = dense.ravel()

@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import InputError
 from .nmf import read_nmf, write_nmf
-from .store import ConvertedReader, ConvertedWriter
+from .store import ConvertedReader, ConvertedWriter, value_rows
 
 log = logging.getLogger("msifusion.degrid")
 
@@ -620,7 +620,7 @@ def _block_images(reader: ConvertedReader, edges: np.ndarray, block_pixels: int)
     nb = len(edges) - 1
     sums = np.zeros((reader.n_pixels, nb))
     for start, stop, indptr, mz, inten in reader.iter_blocks(block_pixels):
-        rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+        rows = value_rows(indptr)
         b = np.clip(np.searchsorted(edges, mz, side="right") - 1, 0, nb - 1)
         sums[start:stop] = np.bincount(rows * nb + b, weights=inten.astype(np.float64),
                                        minlength=(stop - start) * nb).reshape(stop - start, nb)
@@ -690,7 +690,7 @@ def degrid_converted(in_path, out_path, *, tile, method: str = "gain", mz_blocks
     with ConvertedWriter(out_path, n_pixels=reader.n_pixels, attrs=attrs,
                          intensity_dtype=out_dtype, mz_axis=reader.mz_axis) as w:
         for start, stop, indptr, mz, inten in reader.iter_blocks(block_pixels, channels=shared):
-            rows = np.repeat(np.arange(start, stop), np.diff(indptr))
+            rows = value_rows(indptr, start)
             x, y = reader.xy[rows, 0], reader.xy[rows, 1]
             mz_values = reader.mz_axis[mz] if shared else mz
             b = np.clip(np.searchsorted(edges, mz_values, side="right") - 1, 0, len(gains) - 1)

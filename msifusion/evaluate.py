@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .spectra import mz_window
-from .store import ConvertedReader, atomic_output
+from .store import ConvertedReader, atomic_output, value_rows
 
 log = logging.getLogger("msifusion.evaluate")
 
@@ -35,7 +35,7 @@ def raw_ion_image(reader: ConvertedReader, target_mz: float, ppm: float,
     """
     values = np.zeros(reader.n_pixels)
     for start, stop, indptr, mz, inten in reader.iter_blocks(block_pixels):
-        rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+        rows = value_rows(indptr)
         keep = mz_window(mz, target_mz, ppm)
         values[start:stop] = np.bincount(rows[keep], weights=inten[keep], minlength=stop - start)
     return reader.to_image(values)

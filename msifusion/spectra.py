@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import InputError
-from .store import ConvertedReader, atomic_output
+from .store import ConvertedReader, atomic_output, value_rows
 
 log = logging.getLogger("msifusion.spectra")
 
@@ -348,7 +348,7 @@ def _grid_axis(readers, ppm, min_pixels, block_pixels, merge) -> MzAxis:
     imz_sum = np.zeros(grid.n_bins)
     for r in readers:
         for start, stop, indptr, mz, inten in r.iter_blocks(block_size(r, block_pixels)):
-            rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+            rows = value_rows(indptr)
             keep = (inten > 0) & (mz >= grid.m0)
             rows, mz, inten = rows[keep], mz[keep], inten[keep].astype(np.float64)
             b = np.minimum(grid.index(mz), grid.n_bins - 1)
@@ -420,7 +420,7 @@ def reference_axis(ref_centres: np.ndarray, ppm: float) -> MzAxis:
 def _block_matrix(indptr, mz, inten, axis: MzAxis) -> sp.csr_matrix:
     """One block of spectra binned onto ``axis``: CSR (rows, n_mz) float64, duplicates summed."""
     n_rows = len(indptr) - 1
-    rows = np.repeat(np.arange(n_rows), np.diff(indptr))
+    rows = value_rows(indptr)
     cols = axis.assign(mz)
     keep = (cols >= 0) & (inten != 0)
     m = sp.coo_matrix((inten[keep].astype(np.float64), (rows[keep], cols[keep])),

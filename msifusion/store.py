@@ -273,7 +273,7 @@ class ConvertedReader:
         """Total ion count per pixel, shape (n_pixels,), float64."""
         out = np.zeros(self.n_pixels)
         for start, stop, indptr, _mz, inten in self.iter_blocks(block_pixels):
-            rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+            rows = value_rows(indptr)
             out[start:stop] = np.bincount(rows, weights=inten, minlength=stop - start)
         return out
 
@@ -283,6 +283,13 @@ class ConvertedReader:
         img = np.full(self.image_shape + values.shape[1:], fill, dtype=np.result_type(values, np.float32))
         img[self.xy[:, 1], self.xy[:, 0]] = values
         return img
+
+
+def value_rows(indptr: np.ndarray, start: int = 0) -> np.ndarray:
+    """Row of each stored value of a CSR block: ``start + i`` repeated ``indptr[i + 1] - indptr[i]``
+    times, shape (indptr[-1] - indptr[0],), int64."""
+    indptr = np.asarray(indptr)
+    return np.repeat(np.arange(start, start + len(indptr) - 1), np.diff(indptr))
 
 
 def plain_attr(value):
