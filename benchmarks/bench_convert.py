@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from measure import peak_rss_mb  # noqa: E402  (benchmarks/measure.py)
 
 
 def generate(path: Path, n: int, peaks: int, seed: int = 0) -> None:
@@ -103,15 +104,6 @@ def step_pyimzml_loop(path: Path, out: Path) -> dict:
 
 STEPS = {"ours_index": step_ours_index, "pyimzml_index": step_pyimzml_index,
          "ours_convert": step_ours_convert, "pyimzml_loop": step_pyimzml_loop}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (VmHWM; unlike ru_maxrss it is not inherited
-    from the parent across fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_step(name: str, path: Path, out: Path) -> dict:

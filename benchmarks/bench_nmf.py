@@ -42,13 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RANK = 40
 
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM, MB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from measure import peak_rss_mb  # noqa: E402  (benchmarks/measure.py)
 
 
 def components(m: int, k: int, peaks: int, seed: int) -> sp.csr_matrix:
