@@ -552,8 +552,8 @@ def degrid_nmf_file(in_path, out_path, *, tile, method: str = "gain",
         Detection range when ``tile`` is None.
     report : dict, optional
         Filled with, per file id: ``tile``, ``method``, ``stage``, ``energy_before``,
-        ``energy_after`` (:func:`grid_energy` of the total image) and the total images ``before``
-        / ``after`` (ny, nx).
+        ``energy_after`` (:func:`grid_energy` of the total image), the total images ``before``
+        / ``after`` (ny, nx) and ``pixel_size_um``.
 
     Returns
     -------
@@ -591,7 +591,9 @@ def degrid_nmf_file(in_path, out_path, *, tile, method: str = "gain",
         if report is not None:
             report[fid] = {"tile": list(t), "method": method, "stage": "after_nmf",
                            "energy_before": before, "energy_after": after,
-                           "before": total_before, "after": total_after}
+                           "before": total_before, "after": total_after,
+                           "pixel_size_um": float(nmf["map_attrs"][fid].get("pixel_size_um",
+                                                                            np.nan))}
     map_attrs = {fid: dict(a, tile=tiles[fid]) for fid, a in nmf["map_attrs"].items()}
     attrs = dict(nmf["attrs"], degrid_method=method, degrid_per_component=bool(per_component),
                  degrid_source=str(in_path))
@@ -653,7 +655,8 @@ def degrid_converted(in_path, out_path, *, tile, method: str = "gain", mz_blocks
         Pixels read per block.
     report : dict, optional
         Filled with ``tile``, ``method``, ``stage``, ``energy_before``, ``energy_after``,
-        ``before`` / ``after`` total images and ``gains`` (mz_blocks, ty, tx).
+        ``before`` / ``after`` total images, ``gains`` (mz_blocks, ty, tx) and
+        ``pixel_size_um``.
 
     Returns
     -------
@@ -705,5 +708,5 @@ def degrid_converted(in_path, out_path, *, tile, method: str = "gain", mz_blocks
     if report is not None:
         report.update(tile=list(t), method=method, stage="before_nmf", mz_blocks=len(gains),
                       energy_before=before_e, energy_after=after_e, before=total, after=after,
-                      gains=gains)
+                      gains=gains, pixel_size_um=reader.pixel_size_um)
     return t

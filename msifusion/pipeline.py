@@ -94,22 +94,22 @@ def components_figure(nmf_file: str, png: str, *, pixel_size_um: float | None = 
     plot_components(maps, d["spectra"], d["mz"], png, pixel_size_um=px)
 
 
-def _degrid_qc(reports: dict, qc_png: str | None, report_json: str | None,
-               pixel_size_um: float) -> None:
+def _degrid_qc(reports: dict, qc_png: str | None, report_json: str | None) -> None:
     """Before/after total images with their grid energy (PNG, first file) and a JSON report."""
     if qc_png:
         from .products import plot_before_after
 
         fid, r = next(iter(reports.items()))
         plot_before_after(
-            r["before"], r["after"], qc_png, pixel_size_um=pixel_size_um,
+            r["before"], r["after"], qc_png, pixel_size_um=r["pixel_size_um"],
             titles=(f"before: grid energy {r['energy_before']:.4f}",
                     f"after: grid energy {r['energy_after']:.4f}"),
             suptitle=f"{fid}: tile {r['tile'][0]} x {r['tile'][1]} px, {r['method']} "
                      f"({r['stage'].replace('_', ' ')})", label="total intensity")
     if report_json:
         doc = {fid: {k: (v.tolist() if k == "gains" else v) for k, v in r.items()
-                     if k not in ("before", "after")} for fid, r in reports.items()}
+                     if k not in ("before", "after", "pixel_size_um")}
+               for fid, r in reports.items()}
         with atomic_output(report_json) as tmp:
             Path(tmp).write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -125,11 +125,7 @@ def degrid_step(nmf_in: str, out: str, *, tile_px: int | None, method: str = "ga
     degrid_nmf_file(nmf_in, out, tile=tile_px, method=method, report=reports)
     if figure:
         components_figure(out, figure)
-    from .nmf import read_nmf
-
-    first = next(iter(reports))
-    px = float(read_nmf(out)["map_attrs"][first].get("pixel_size_um", float("nan")))
-    _degrid_qc(reports, qc, report, px)
+    _degrid_qc(reports, qc, report)
 
 
 def degrid_converted_step(converted: str, out: str, *, tile_px: int | None, method: str = "gain",
@@ -137,12 +133,11 @@ def degrid_converted_step(converted: str, out: str, *, tile_px: int | None, meth
                           report: str | None = None) -> None:
     """Remove the scan-tile grid from one converted file (before NMF, sparse, value by value)."""
     from .degrid import degrid_converted
-    from .store import ConvertedReader
 
     rep: dict = {}
     degrid_converted(converted, out, tile=tile_px, method=method, mz_blocks=mz_blocks,
                      report=rep)
-    _degrid_qc({Path(converted).stem: rep}, qc, report, ConvertedReader(out).pixel_size_um)
+    _degrid_qc({Path(converted).stem: rep}, qc, report)
 
 
 # ----------------------------------------------------------------------------------------- stage 4
