@@ -43,7 +43,6 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -194,23 +193,30 @@ PRESETS = {
 
 
 # ------------------------------------------------------------------------------------ imzML writer
-def write_imzml(path, xy: np.ndarray, spectra_iter: Iterable[tuple[np.ndarray, np.ndarray]], *,
-                mode: str, pixel_size_um: float | None = None, spectrum_type: str = "centroid",
+def write_imzml(path, xy: np.ndarray, indptr: np.ndarray, mz: np.ndarray | None,
+                intensity: np.ndarray, *, mode: str, mz_axis: np.ndarray | None = None,
+                pixel_size_um: float | None = None, spectrum_type: str = "centroid",
                 polarity: str = "positive", uuid_key: str | None = None,
                 block_pixels: int = 4096) -> Path:
-    """Write spectra as an imzML/ibd pair (atomically) with :class:`msifusion.imzml.ImzMLStreamWriter`.
+    """Write CSR spectra as an imzML/ibd pair (atomically) with
+    :class:`msifusion.imzml.ImzMLStreamWriter`, ``block_pixels`` spectra at a time.
 
     Parameters
     ----------
     path : path-like
         Output ``.imzML`` path; the ``.ibd`` is written beside it.
     xy : ndarray, shape (n_pixels, 2)
-        0-based (x, y) pixel coordinates, in the order of ``spectra_iter`` (written 1-based).
-    spectra_iter : iterable of (mz, intensity)
-        One pair of 1-D arrays per pixel; ``mz`` increasing (float64), ``intensity`` float32. In
-        ``"continuous"`` mode every ``mz`` must equal the first (the shared axis).
+        0-based (x, y) pixel coordinates of the rows (written 1-based).
+    indptr : ndarray, shape (n_pixels + 1,)
+        Row pointers into ``mz`` / ``intensity``.
+    mz : ndarray, shape (nnz,), or None
+        m/z values, increasing within each row (float64); None in ``"continuous"`` mode.
+    intensity : ndarray, shape (nnz,)
+        Intensities (written as float32); in ``"continuous"`` mode ``len(mz_axis)`` per row.
     mode : {"continuous", "processed"}
         imzML storage mode.
+    mz_axis : ndarray, shape (n_mz,), optional
+        The shared axis of a continuous file.
     pixel_size_um : float, optional
         Written as IMS "pixel size x/y" in the scan settings; omitted when None.
     spectrum_type : {"centroid", "profile"}
@@ -234,37 +240,20 @@ def write_imzml(path, xy: np.ndarray, spectra_iter: Iterable[tuple[np.ndarray, n
     if mode not in ("continuous", "processed"):
         raise InputError(f"{path}: mode must be 'continuous' or 'processed', not {mode!r}")
     xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
-    spectra = iter(spectra_iter)
-    first = next(spectra, None)
-    if first is None:
-        raise ValueError(f"{path}: no spectra")
-    axis = np.asarray(first[0], np.float64) if mode == "continuous" else None
-    n = 0
+    indptr = np.asarray(indptr, dtype=np.int64)
+    n = len(indptr) - 1
+    if n < 1 or n != len(xy):
+        raise ValueError(f"{path}: {n} spectra for {len(xy)} coordinates")
     with ImzMLStreamWriter(path, mode=mode, mz_dtype=np.float64, intensity_dtype=np.float32,
-                           mz_axis=axis, pixel_size_um=pixel_size_um, spectrum_type=spectrum_type,
-                           polarity=polarity, uuid_seed=uuid_key) as w:
-        block = [first]
-        for pair in spectra:
-            block.append(pair)
-            if len(block) == block_pixels:
-                w.add_block(*_block_csr(block), xy[n:n + len(block)])
-                n += len(block)
-                block = []
-        if block:
-            w.add_block(*_block_csr(block), xy[n:n + len(block)])
-            n += len(block)
-        if n != len(xy):
-            raise ValueError(f"{path}: {n} spectra for {len(xy)} coordinates")
+                           mz_axis=mz_axis, pixel_size_um=pixel_size_um,
+                           spectrum_type=spectrum_type, polarity=polarity,
+                           uuid_seed=uuid_key) as w:
+        for s in range(0, n, max(1, int(block_pixels))):
+            e = min(n, s + int(block_pixels))
+            a, b = indptr[s], indptr[e]
+            w.add_block(indptr[s:e + 1] - a, None if mz is None else mz[a:b], intensity[a:b],
+                        xy[s:e])
     return path
-
-
-def _block_csr(block: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indptr, mz, intensity) of a list of (mz, intensity) pairs."""
-    lengths = np.fromiter((len(m) for m, _ in block), np.int64, len(block))
-    indptr = np.zeros(len(block) + 1, np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    return (indptr, np.concatenate([np.asarray(m, np.float64) for m, _ in block]),
-            np.concatenate([np.asarray(i, np.float32) for _, i in block]))
 
 
 # ------------------------------------------------------------------------------ section geometry
@@ -680,11 +669,6 @@ def _centroid_spectra(rng, expected: np.ndarray, peak_mz: np.ndarray, *, min_cou
     return indptr, mz[order], inten[order]
 
 
-def _csr_iter(indptr, mz, inten) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for i in range(len(indptr) - 1):
-        yield mz[indptr[i]:indptr[i + 1]], inten[indptr[i]:indptr[i + 1]]
-
-
 def _tof_fragments(species: list[Species]) -> np.ndarray:
     """(n_species, 200) ToF-SIMS fragment distributions (rows sum to 1; zero for unseen species)."""
     f = np.zeros((len(species), len(TOF_MZ)))
@@ -962,7 +946,7 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
             acq[si, 0].foot
     csr = _reference_spectra(_rng(seed, 3, 0, 0), foot, xy, p.pixel_um[0])
     path = imz_dir / f"{chain[0]}_sections.imzML"
-    write_imzml(path, xy, _csr_iter(*csr), mode="processed", pixel_size_um=p.pixel_um[0],
+    write_imzml(path, xy, *csr, mode="processed", pixel_size_um=p.pixel_um[0],
                 spectrum_type="centroid", uuid_key=f"{key}:{path.name}")
     log.info("phantom: wrote %s (%d pixels, %d peaks)", path, len(xy), csr[0][-1])
     shapes = {path.name: ref_shape}
@@ -977,15 +961,15 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         a.path = imz_dir / f"{chain[k]}_{sections[si]}.imzML"
         if k == 1:
             csr, cal = _maldi_spectra(rng, a.foot, xy, p.pixel_um[1])
-            write_imzml(a.path, xy, _csr_iter(*csr), mode="processed", pixel_size_um=p.pixel_um[1],
+            write_imzml(a.path, xy, *csr, mode="processed", pixel_size_um=p.pixel_um[1],
                         spectrum_type="centroid", uuid_key=f"{key}:{a.path.name}")
             log.info("phantom: wrote %s (%d pixels, %d peaks, calibration %+.1f ppm)", a.path,
                      len(xy), csr[0][-1], cal)
         else:
             counts = _tofsims_counts(rng, a.foot, xy, tile_px)
-            write_imzml(a.path, xy, ((TOF_MZ, row) for row in counts), mode="continuous",
-                        pixel_size_um=None, spectrum_type="profile",
-                        uuid_key=f"{key}:{a.path.name}")
+            write_imzml(a.path, xy, np.arange(len(xy) + 1) * len(TOF_MZ), None, counts.ravel(),
+                        mode="continuous", mz_axis=TOF_MZ, pixel_size_um=None,
+                        spectrum_type="profile", uuid_key=f"{key}:{a.path.name}")
             log.info("phantom: wrote %s (%d pixels, mean %.0f counts per pixel)", a.path, len(xy),
                      counts.sum(1).mean())
         shapes[a.path.name] = a.shape

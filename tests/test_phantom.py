@@ -341,7 +341,9 @@ def test_write_imzml_roundtrip(tmp_path):
     xy = np.array([[0, 0], [1, 0], [0, 1], [1, 1]])
     spectra = [(np.array([100.0, 200.0 + i]), np.array([1.0, 2.0 * i], np.float32))
                for i in range(4)]
-    path = phantom.write_imzml(tmp_path / "p.imzML", xy, iter(spectra), mode="processed",
+    csr = (np.arange(5) * 2, np.concatenate([m for m, _ in spectra]),
+           np.concatenate([v for _, v in spectra]))
+    path = phantom.write_imzml(tmp_path / "p.imzML", xy, *csr, mode="processed",
                                pixel_size_um=7.5, uuid_key="k")
     p = ImzMLParser(str(path))
     assert [c[:2] for c in p.coordinates] == [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -352,16 +354,16 @@ def test_write_imzml_roundtrip(tmp_path):
         np.testing.assert_array_equal(got[1], it)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["p.ibd", "p.imzML"]
     first = (tmp_path / "p.ibd").read_bytes()
-    phantom.write_imzml(tmp_path / "p.imzML", xy, iter(spectra), mode="processed",
+    phantom.write_imzml(tmp_path / "p.imzML", xy, *csr, mode="processed",
                         pixel_size_um=7.5, uuid_key="k")
     assert (tmp_path / "p.ibd").read_bytes() == first
     # continuous without pixel size
-    cont = phantom.write_imzml(tmp_path / "c.imzML", xy, ((np.arange(1.0, 4.0), np.ones(3)) for _ in
-                                                          range(4)), mode="continuous")
+    cont = phantom.write_imzml(tmp_path / "c.imzML", xy, np.arange(5) * 3, None, np.ones(12),
+                               mode="continuous", mz_axis=np.arange(1.0, 4.0))
     pc = ImzMLParser(str(cont))
     assert "pixel size x" not in pc.imzmldict and len(set(pc.mzOffsets)) == 1
     with pytest.raises(InputError):
-        phantom.write_imzml(tmp_path / "bad.txt", xy, iter(spectra), mode="processed")
+        phantom.write_imzml(tmp_path / "bad.txt", xy, *csr, mode="processed")
 
 
 def test_outline_fixes_rotation_and_mirror():
