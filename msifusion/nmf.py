@@ -28,6 +28,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -340,8 +341,9 @@ def _hals_sweeps(F, A, B, inner: int, eps: float = 0.01, chunk: int = 16384) -> 
 
     Minimises ``||Y - F^T G||`` given ``A = G Y^T (k, p)`` and ``B = G G^T (k, k)``: up to
     ``inner`` sweeps over the k rows, stopping when a sweep changes F by less than ``eps`` times
-    the first sweep (squared norms; ``eps=0``: always ``inner`` sweeps). The p columns are independent, so they are processed in
-    cache-sized chunks of ``chunk`` columns (on a GPU: all at once). Rows that die (all zero) are
+    the first sweep (squared norms; ``eps=0``: always ``inner`` sweeps). The p columns are
+    independent, so they are processed in cache-sized chunks of ``chunk`` columns (on a GPU: all
+    at once). Rows that die (all zero) are
     revived at a tiny value.
     """
     diag = B.diagonal()
@@ -403,7 +405,10 @@ def _iterate(X: RowBlocks, start: list, backend: str, max_iter: int, tol: float,
     n, m = X.shape
     k = H.shape[0]
     inner_w, inner_h = _inner_counts(n, m, X.nnz, k) if backend == "hals" else (1, 1)
-    update = _hals_sweeps if backend == "hals" else _mu_update
+    # W sweeps run their full count (no early stop): rows of W are then updated exactly alike
+    # whatever the blocks, so out of core gives the in-memory result
+    update_w = partial(_hals_sweeps, eps=0.0) if backend == "hals" else _mu_update
+    update_h = _hals_sweeps if backend == "hals" else _mu_update
     norm2 = X.sq_norm
     errors, times, prev = [], [], None
     t0 = time.perf_counter()
@@ -414,16 +419,11 @@ def _iterate(X: RowBlocks, start: list, backend: str, max_iter: int, tol: float,
         Ht = H.T.contiguous()
         for s, e, Xb, XbT in X:
             Wb = Wt[:, s:e].contiguous()
-            # W sweeps run their full count (no early stop): rows of W are then updated exactly
-            # alike whatever the blocks, so out of core gives the in-memory result
-            if backend == "hals":
-                _hals_sweeps(Wb, (Xb @ Ht).T.contiguous(), HHt, inner_w, eps=0.0)
-            else:
-                _mu_update(Wb, (Xb @ Ht).T.contiguous(), HHt, inner_w)
+            update_w(Wb, (Xb @ Ht).T.contiguous(), HHt, inner_w)
             Wt[:, s:e] = Wb
             C += (XbT @ Wb.T.contiguous()).T
             D += Wb @ Wb.T
-        update(H, C, D, inner_h)
+        update_h(H, C, D, inner_h)
         cross = float((C.double() * H.double()).sum())
         quad = float((D.double() * (H.double() @ H.double().T)).sum())
         err = float(np.sqrt(max(norm2 - 2.0 * cross + quad, 0.0) / norm2))
@@ -720,7 +720,8 @@ def run_nmf(converted: dict[str, str | os.PathLike], axis: MzAxis, out_path, *, 
     n = sum(r.n_pixels for r in readers.values())
     m = len(axis)
     rank = _check_rank(rank, n, m)
-    need = in_memory_bytes(n, m, sum(r.nnz for r in readers.values()), rank)
+    nnz = sum(r.nnz for r in readers.values())          # converted values: an upper bound
+    need = in_memory_bytes(n, m, nnz, rank)
     budget = float(memory_gb) * 2 ** 30
     out_of_core = backend != "tensorly" and need > budget
     device = resolve_device(device)
@@ -734,7 +735,7 @@ def run_nmf(converted: dict[str, str | os.PathLike], axis: MzAxis, out_path, *, 
         if out_of_core:
             folder = Path(scratch_dir) if scratch_dir else out_path.parent
             scratch = folder / f".{out_path.stem}.scratch.h5"
-            rows = block_rows_for(budget, n, m, sum(r.nnz for r in readers.values()), rank)
+            rows = block_rows_for(budget, n, m, nnz, rank)
             log.info("%s: the in-memory NMF would need %.2f GB > budget %.2f GB: out of core, "
                      "%d rows per block, scratch %s", out_path, need / 2**30, budget / 2**30,
                      rows, scratch)
