@@ -7,7 +7,8 @@ position-dependent gain (beam/analyser vignetting), which shows as a grid in eve
 - ``method="gain"`` (ours): flat-field correction, ``image / G`` where ``G (ty, tx)`` is the
   relative gain of each in-tile position, estimated robustly (:func:`estimate_gain`: median over
   tiles of each tile divided by its own mean, refined by alternating a smooth clean-image
-  estimate with a least-squares gain), tiled over the image. Zeros stay zeros and a
+  estimate with a least-squares gain, smoothed inside the tile by a window chosen by
+  cross-validation over tiles), tiled over the image. Zeros stay zeros and a
   multiplicative gain is removed up to a constant factor.
 - ``method="subtract"`` (published): ``image - (T - mean(T))`` tiled, with ``T`` the mean tile,
   clipped at 0.
@@ -293,9 +294,11 @@ def _median_gain(t: np.ndarray, whole: np.ndarray) -> np.ndarray:
     ty, tx = t.shape[2:]
     t = t[whole] if whole.any() else t.reshape(-1, ty, tx)
     with np.errstate(all="ignore"):
-        tmean = np.nanmean(t, axis=(1, 2), keepdims=True)
+        tmean = (np.nansum(t, axis=(1, 2), keepdims=True)
+                 / np.isfinite(t).sum(axis=(1, 2), keepdims=True))
         norm = np.where(tmean > 0, t / tmean, np.nan)
         n_valid = np.isfinite(norm).sum(axis=0)
+        norm[:, n_valid == 0] = 1.0                      # nanmedian warns on all-NaN columns
         g = np.nanmedian(norm, axis=0) if len(norm) else np.full((ty, tx), np.nan)
     return np.where((n_valid >= 3) & np.isfinite(g), g, np.nan)
 
@@ -309,8 +312,12 @@ def _normalise_gain(g: np.ndarray) -> np.ndarray:
     return np.maximum(out, MIN_GAIN)
 
 
+#: Candidate gain-smoothing windows (fractions of the tile) tried by ``gain_smooth="auto"``.
+GAIN_SMOOTH_LEVELS = (0.0, 0.25, 0.5, 0.75, 0.9)
+
+
 def estimate_gain(stack: np.ndarray, tile, mask: np.ndarray | None = None, *,
-                  smooth: float = 1 / 3, gain_smooth: float = 0.5, n_iter: int = 20,
+                  smooth: float = 1 / 8, gain_smooth: float | str = "auto", n_iter: int = 20,
                   rtol: float = 1e-4) -> np.ndarray:
     """Relative gain ``G`` of each in-tile position under the model ``image = clean * G`` (tiled).
 
@@ -325,6 +332,11 @@ def estimate_gain(stack: np.ndarray, tile, mask: np.ndarray | None = None, *,
     noise in it (few tiles). ``G`` is normalised to mean 1 and clipped below
     at :data:`MIN_GAIN`; positions without data get 1.
 
+    How much to smooth ``G`` depends on the pattern (a smooth vignetting takes a wide window,
+    a sharp one a narrow window) and on how much texture the tiles leave in the mean tile:
+    ``gain_smooth="auto"`` chooses the window by cross-validation over tiles
+    (:func:`select_gain_smooth`).
+
     Parameters
     ----------
     stack : ndarray, shape (k, ny, nx) or (ny, nx)
@@ -335,8 +347,9 @@ def estimate_gain(stack: np.ndarray, tile, mask: np.ndarray | None = None, *,
         Pixels used for the estimate (default: all finite pixels).
     smooth : float
         Gaussian sigma of the clean-image estimate as a fraction of the tile size.
-    gain_smooth : float
-        Savitzky-Golay window of the gain smoothing as a fraction of the tile size (0: none).
+    gain_smooth : float or "auto"
+        Savitzky-Golay window of the gain smoothing as a fraction of the tile size (0: none);
+        ``"auto"``: chosen per image among :data:`GAIN_SMOOTH_LEVELS` by cross-validation.
     n_iter : int
         Maximum number of refinement steps (0: the median estimate only).
     rtol : float
@@ -346,51 +359,135 @@ def estimate_gain(stack: np.ndarray, tile, mask: np.ndarray | None = None, *,
     -------
     ndarray, shape (k, ty, tx), float64
     """
-    from scipy.ndimage import gaussian_filter
-
     s, _ = _as_stack(stack)
     tile = _tile_pair(tile)
     _check_fits(s.shape, tile)
+    valid = _valid_pixels(s, mask, "estimate_gain")
+    out = np.ones((len(s),) + tile)
+    for j in range(len(s)):
+        if not valid[j].any():
+            continue
+        level = gain_smooth
+        if isinstance(gain_smooth, str):
+            if gain_smooth != "auto":
+                raise InputError(f"gain_smooth must be a number or 'auto', got {gain_smooth!r}")
+            level = select_gain_smooth(s[j], tile, valid[j], smooth=smooth, n_iter=n_iter,
+                                       rtol=rtol)
+        out[j] = _fit_gain(s[j], valid[j], tile, smooth, float(level), n_iter, rtol)
+    return out
+
+
+def _valid_pixels(s: np.ndarray, mask, where: str) -> np.ndarray:
+    """Finite pixels of the stack ``(k, ny, nx)`` inside ``mask (ny, nx)``."""
     valid = np.isfinite(s)
     if mask is not None:
         mask = np.asarray(mask, bool)
         if mask.shape != s.shape[1:]:
-            raise InputError(f"estimate_gain: mask shape {mask.shape} differs from image "
-                             f"{s.shape[1:]}")
+            raise InputError(f"{where}: mask shape {mask.shape} differs from image {s.shape[1:]}")
         valid &= mask
-    k, ny, nx = s.shape
+    return valid
+
+
+def _fit_gain(image: np.ndarray, valid: np.ndarray, tile: tuple[int, int], smooth: float,
+              gain_smooth: float, n_iter: int, rtol: float,
+              pool: np.ndarray | None = None) -> np.ndarray:
+    """Gain ``(ty, tx)`` of one image ``(ny, nx)`` from its ``valid`` pixels; see
+    :func:`estimate_gain`. ``pool`` (bool, ``(ny, nx)``, default ``valid``) restricts the tiles
+    pooled into the gain; the clean image is still estimated from all valid pixels."""
+    from scipy.ndimage import gaussian_filter
+
+    ny, nx = image.shape
     ty, tx = tile
     nty, ntx = -(-ny // ty), -(-nx // tx)
     whole = np.zeros((nty, ntx), bool)
     whole[:ny // ty, :nx // tx] = True
     sigma = (max(smooth * ty, 0.5), max(smooth * tx, 0.5))
-    out = np.ones((k, ty, tx))
-    for j in range(k):
-        v = valid[j]
-        if not v.any():
-            continue
-        obs = np.where(v, s[j], 0.0)
-        g = _normalise_gain(_median_gain(_tiles(np.where(v, s[j], np.nan)[None], tile)[0], whole))
-        weight = gaussian_filter(v.astype(np.float64), sigma, mode="nearest")
-        it, change = -1, np.nan
-        for it in range(int(n_iter)):
-            G = _tile_repeat(g[None], (ny, nx))[0]
-            with np.errstate(all="ignore"):
-                clean = gaussian_filter(obs / G, sigma, mode="nearest") / weight
-            clean = np.where(v & np.isfinite(clean), clean, 0.0)
-            num = _tile_sums(obs * clean, tile)
-            den = _tile_sums(clean * clean, tile)
-            with np.errstate(all="ignore"):
-                g_new = _normalise_gain(np.where(den > 0, num / den, np.nan))
-            if gain_smooth > 0:
-                g_new = _normalise_gain(_smooth_gain(g_new, gain_smooth))
-            change = float(np.max(np.abs(g_new - g)))
-            g = g_new
-            if change < rtol:
-                break
-        log.debug("gain of image %d: %d refinement steps, last change %.2g", j, it + 1, change)
-        out[j] = g
-    return out
+    pool = valid if pool is None else pool & valid
+    obs = np.where(valid, image, 0.0)
+    g = _normalise_gain(_median_gain(_tiles(np.where(pool, image, np.nan)[None], tile)[0], whole))
+    weight = gaussian_filter(valid.astype(np.float64), sigma, mode="nearest")
+    it, change = -1, np.nan
+    for it in range(int(n_iter)):
+        G = _tile_repeat(g[None], (ny, nx))[0]
+        with np.errstate(all="ignore"):
+            clean = gaussian_filter(obs / G, sigma, mode="nearest") / weight
+        clean = np.where(valid & np.isfinite(clean), clean, 0.0)
+        clean = np.where(pool, clean, 0.0)
+        num = _tile_sums(obs * clean, tile)
+        den = _tile_sums(clean * clean, tile)
+        with np.errstate(all="ignore"):
+            g_new = _normalise_gain(np.where(den > 0, num / den, np.nan))
+        if gain_smooth > 0:
+            g_new = _normalise_gain(_smooth_gain(g_new, gain_smooth))
+        change = float(np.max(np.abs(g_new - g)))
+        g = g_new
+        if change < rtol:
+            break
+    log.debug("gain: %d refinement steps, last change %.2g", it + 1, change)
+    return g
+
+
+def _checkerboard(shape: tuple[int, int], tile: tuple[int, int]) -> np.ndarray:
+    """Bool ``(ny, nx)``: one colour of a checkerboard of tile blocks (2 x 2 tiles when each
+    colour gets at least 2 whole blocks, single tiles otherwise), for splitting the tiles in two.
+    """
+    ny, nx = shape
+    ty, tx = tile
+    block = 2 if (ny // (2 * ty)) * (nx // (2 * tx)) >= 4 else 1
+    by, bx = np.arange(ny) // (block * ty), np.arange(nx) // (block * tx)
+    return (by[:, None] + bx[None, :]) % 2 == 0
+
+
+def select_gain_smooth(image: np.ndarray, tile, mask: np.ndarray | None = None, *,
+                       levels=GAIN_SMOOTH_LEVELS, smooth: float = 1 / 8, n_iter: int = 20,
+                       rtol: float = 1e-4) -> float:
+    """Gain-smoothing window chosen by two-fold cross-validation over the tiles.
+
+    The tiles are split into the two colours A and B of a checkerboard (of 2 x 2-tile blocks, so
+    that texture straddling neighbouring tiles does not leak into both halves). For each candidate
+    window, the smoothed gain from A is compared with the unsmoothed gain from B and vice versa;
+    the unsmoothed gain of the other half is the true gain plus independent texture noise, so the
+    mean squared difference is smallest, up to a constant, for the window closest to the true
+    gain. Too little smoothing keeps texture, too much bends a sharp pattern.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+        Non-negative image, NaN = not acquired.
+    tile : int or (ty, tx)
+        Tile size in pixels.
+    mask : ndarray of bool, shape (ny, nx), optional
+        Pixels used (default all finite pixels).
+    levels : sequence of float
+        Candidate windows (fractions of the tile, 0 = none).
+    smooth, n_iter, rtol
+        As in :func:`estimate_gain`.
+
+    Returns
+    -------
+    float
+        The chosen window (the first level when the image has fewer than 2 tiles per half).
+    """
+    img = np.asarray(image, dtype=np.float64)
+    tile = _tile_pair(tile)
+    _check_fits(img.shape, tile)
+    valid = _valid_pixels(img[None], mask, "select_gain_smooth")[0]
+    a = _checkerboard(img.shape, tile)
+    halves = (valid & a, valid & ~a)
+    if (img.shape[0] // tile[0]) * (img.shape[1] // tile[1]) < 4 or not all(h.any() for h in
+                                                                              halves):
+        return float(levels[0])
+    raw = [_fit_gain(img, valid, tile, smooth, 0.0, n_iter, rtol, pool=h) for h in halves]
+    scores = []
+    for level in levels:
+        fits = [raw_h if level == 0 else
+                _fit_gain(img, valid, tile, smooth, float(level), n_iter, rtol, pool=h)
+                for raw_h, h in zip(raw, halves)]
+        scores.append(float(((fits[0] - raw[1]) ** 2).sum() + ((fits[1] - raw[0]) ** 2).sum()))
+    best = float(levels[int(np.argmin(scores))])
+    log.info("gain smoothing chosen by cross-validation over tiles: %.2f of the tile (scores %s)",
+             best, ", ".join(f"{v:.3g}" for v in scores))
+    return best
 
 
 def _smooth_gain(g: np.ndarray, fraction: float, polyorder: int = 2) -> np.ndarray:
@@ -417,8 +514,8 @@ def _tile_sums(image: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
 
 
 def remove_grid(stack: np.ndarray, tile, method: str = "gain", mask: np.ndarray | None = None, *,
-                per_component: bool = True,
-                component_weights: np.ndarray | None = None) -> np.ndarray:
+                per_component: bool = True, component_weights: np.ndarray | None = None,
+                gain_smooth: float | str = "auto") -> np.ndarray:
     """Remove the tile pattern from every image of a stack.
 
     Parameters
@@ -439,6 +536,9 @@ def remove_grid(stack: np.ndarray, tile, method: str = "gain", mask: np.ndarray 
     component_weights : ndarray, shape (k,), optional
         Weights of the sum used by the shared gain (default 1; for NMF maps the row sums of the
         spectra, so that the sum is the reconstructed total ion image).
+    gain_smooth : float or "auto"
+        ``"gain"`` only, see :func:`estimate_gain`; with ``per_component``, ``"auto"`` chooses one
+        window for all images, by cross-validation on their weighted sum.
 
     Returns
     -------
@@ -458,14 +558,16 @@ def remove_grid(stack: np.ndarray, tile, method: str = "gain", mask: np.ndarray 
         out = s - _tile_repeat(dev, shape)
         out = np.where(np.isnan(s), np.nan, np.maximum(out, 0))
     else:
+        cw = np.ones(len(s)) if component_weights is None else np.asarray(component_weights,
+                                                                          dtype=np.float64)
+        if cw.shape != (len(s),):
+            raise InputError(f"component_weights has shape {cw.shape}, expected ({len(s)},)")
+        total = weighted_total(s, cw)
         if per_component:
-            G = estimate_gain(s, tile, mask)
+            level = select_gain_smooth(total, tile, mask) if gain_smooth == "auto" else gain_smooth
+            G = estimate_gain(s, tile, mask, gain_smooth=level)
         else:
-            cw = np.ones(len(s)) if component_weights is None else np.asarray(component_weights,
-                                                                              dtype=np.float64)
-            if cw.shape != (len(s),):
-                raise InputError(f"component_weights has shape {cw.shape}, expected ({len(s)},)")
-            G = np.repeat(estimate_gain(weighted_total(s, cw), tile, mask), len(s), axis=0)
+            G = np.repeat(estimate_gain(total, tile, mask, gain_smooth=gain_smooth), len(s), axis=0)
         out = s / _tile_repeat(G, shape)
     out = out.astype(np.float32)
     return out[0] if single else out

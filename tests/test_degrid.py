@@ -8,7 +8,7 @@ import pytest
 
 from msifusion.degrid import (check_tile_divides, degrid_converted, degrid_nmf_file,
                               detect_tile_period, estimate_gain, grid_energy, mean_tile,
-                              remove_grid)
+                              remove_grid, select_gain_smooth)
 from msifusion.store import ConvertedReader, write_converted
 from msifusion.errors import InputError
 from msifusion.nmf import read_nmf, write_nmf
@@ -296,19 +296,28 @@ def test_degrid_converted_errors_and_never_dense(tmp_path):
     assert peak < 20 * 2 ** 20
 
 
+def rel_error(img, truth):
+    """||s img - truth|| / ||truth|| with the best constant s (a gain is known up to a scale)."""
+    s = float((img * truth).sum() / (img * img).sum())
+    return float(np.linalg.norm(s * img - truth) / np.linalg.norm(truth))
+
+
 @pytest.mark.real
-def test_real_cube_injected_gain_sparse_path(tmp_path):
-    """The real ToF-SIMS cube with a multiplicative 32-px tile pattern injected, corrected value by
-    value on the converted data: the TIC image error (relative L2, after the best constant scale)
-    drops from 15 % to 5 %, as the map-level correction of the TIC image does. (Issue 5 asks for
-    2 %: the gain estimate is limited by the wood texture; open.)"""
+@pytest.mark.parametrize("tile,limit", [(16, 0.02), (32, 0.04)])
+def test_real_cube_injected_gain_sparse_path(tmp_path, tile, limit):
+    """Done-when of issue 5: the real ToF-SIMS cube with a multiplicative tile pattern (depth 0.6)
+    injected, corrected value by value on the converted data, restores the TIC image within 2 %
+    (relative L2 after the best constant scale; 15 % uncorrected) with 16-px tiles (256 tiles on
+    the 256 x 256 px cube, like the 400 of the published acquisition), and equals the map-level
+    correction. With 32-px tiles (64 tiles) the wood texture's own tile-periodic part (10 % rms
+    in the mean tile) limits any estimate to about 3.5 %."""
     path = REAL / "tofsims_poplar" / "tofsims_trift_poplar_256x256.h5"
     if not path.exists():
         pytest.skip(f"real data not available at {path}")
     with h5py.File(path, "r") as f:
         cube, mz_axis = f["intensities"][:].astype(np.float32), f["mz"][:]
     ny, nx, n_mz = cube.shape
-    gain = tiled(vignette(32, 32, depth=0.6), (ny, nx)).astype(np.float32)
+    gain = tiled(vignette(tile, tile, depth=0.6), (ny, nx)).astype(np.float32)
     flat = (cube * gain[..., None]).reshape(ny * nx, n_mz)
     rows, cols = np.nonzero(flat)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=ny * nx))])
@@ -318,17 +327,31 @@ def test_real_cube_injected_gain_sparse_path(tmp_path):
                     intensity=flat[rows, cols], xy=np.c_[xx, yy],
                     attrs={"pixel_size_um": 1.0, "mode": "processed",
                            "mz_range": (float(mz_axis.min()), float(mz_axis.max()))})
-    degrid_converted(src, tmp_path / "d.h5", tile=32)
+    degrid_converted(src, tmp_path / "d.h5", tile=tile)
     r = ConvertedReader(tmp_path / "d.h5")
-    tic = r.to_image(r.tic())
     truth = cube.sum(axis=2)
-    scale = float((tic * truth).sum() / (tic * tic).sum())
-    err = np.linalg.norm(scale * tic - truth) / np.linalg.norm(truth)
+    err = rel_error(r.to_image(r.tic()), truth)
     observed = flat.sum(axis=1).reshape(ny, nx)
-    s_obs = float((observed * truth).sum() / (observed * observed).sum())
-    err_obs = np.linalg.norm(s_obs * observed - truth) / np.linalg.norm(truth)
-    map_level = remove_grid(observed, 32, "gain")
-    s_map = float((map_level * truth).sum() / (map_level * map_level).sum())
-    err_map = np.linalg.norm(s_map * map_level - truth) / np.linalg.norm(truth)
+    err_map = rel_error(remove_grid(observed, tile, "gain"), truth)
     assert err == pytest.approx(err_map, rel=0.05)            # the sparse path = the map path
-    assert err < 0.06 and err_obs > 0.14
+    assert err < limit and rel_error(observed, truth) > 0.14
+
+
+def test_gain_smoothing_chosen_by_cross_validation():
+    """A smooth vignetting on a textured image gets a wide window, a sharp pattern a narrow one;
+    on each, the chosen window beats both no smoothing and the window chosen for the other."""
+    rng = np.random.default_rng(0)
+    shape = (256, 256)
+    texture = smooth_image(*shape, seed=1) * rng.gamma(4.0, 0.25, shape)
+    u = (np.arange(16) + 0.5) / 16
+    sharp = 0.7 + 0.8 * np.exp(-((u[:, None] - 0.35) ** 2 + (u[None, :] - 0.6) ** 2) / 0.02)
+    chosen = {}
+    for name, pattern in (("smooth", vignette(16, 16, 0.6)), ("sharp", sharp)):
+        obs = texture * tiled(pattern, shape)
+        chosen[name] = (obs, select_gain_smooth(obs, 16))
+    assert chosen["smooth"][1] >= 0.5 and chosen["sharp"][1] <= 0.25
+    for name, other in (("smooth", "sharp"), ("sharp", "smooth")):
+        obs = chosen[name][0]
+        err = {lv: rel_error(obs / tiled(estimate_gain(obs, 16, gain_smooth=lv)[0], shape), texture)
+               for lv in (0.0, chosen[name][1], chosen[other][1])}
+        assert err[chosen[name][1]] < 0.7 * min(err[0.0], err[chosen[other][1]])
