@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_register import errors, make_pair, run_pair  # noqa: E402
+from test_register import _channels, errors, make_pair, run_pair  # noqa: E402
 
 
 def _row(name, pair, reg, dt, truth=True, ok=None):
@@ -94,14 +94,20 @@ def main(argv=None):
                 neg.append(_row(f"{kind} rot {rot:7.1f}", pair, reg, dt, truth=False))
     print(f"negative controls: {sum(neg)}/{len(neg)} correctly failed (or, inside the tissue, right)")
 
-    print("\n== 700 x 975 fine (5 um) vs 65 x 97 coarse (50 um), ratio 10 ==")
+    print("\n== 700 x 975 fine (5 um) vs 65 x 97 coarse (50 um), ratio 10; total images alone, then "
+          "with 12 component-like channels per modality (as the workflow passes its NMF maps) ==")
     for i in range(3):
         rot = float(rng.uniform(-180, 180))
-        pair = make_pair(10, rot, tuple(rng.uniform(-200, 200, 2)), coarse_px=50.0, coarse_shape=(65, 97),
-                         radius_px=26.0, fine_shape=(700, 975), seed=3000 + i)
+        kw = dict(fov="full", coarse_px=50.0, coarse_shape=(65, 97), radius_px=26.0, fine_shape=(700, 975),
+                  seed=3000 + i)
+        pair, cch, fch = _channels(10, rot, tuple(rng.uniform(-200, 200, 2)), **kw)
         t = time.perf_counter()
         reg = run_pair(pair)
         _row(f"large {i} rot {rot:7.1f}", pair, reg, time.perf_counter() - t)
+        cch, fch = (np.concatenate([c, np.sqrt(c), c ** 2]) for c in (cch, fch))
+        t = time.perf_counter()
+        reg = run_pair(pair, coarse_channels=cch, fine_channels=fch)
+        _row(f"large {i} rot {rot:7.1f}, {len(cch)} channels", pair, reg, time.perf_counter() - t)
     return 0
 
 

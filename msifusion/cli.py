@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import MsifusionError
+from .errors import InputError, MsifusionError
 
 log = logging.getLogger("msifusion.cli")
 
@@ -18,7 +18,7 @@ def _roi(text: str):
     from .config import parse_roi
 
     roi = parse_roi(text, "--roi")
-    return None if roi is None else list(roi)
+    return list(roi) if isinstance(roi, tuple) else roi
 
 
 def cmd_convert(a):
@@ -111,6 +111,9 @@ def cmd_spectrum(a):
 
     d = read_fused(a.product)
     mask = np.isfinite(d["maps"]).all(axis=0)
+    if a.roi == "auto":
+        raise InputError("spectrum: --roi auto is for sections of an acquisition (crop); give "
+                         "x0:x1,y0:y1")
     if a.roi:
         x0, x1, y0, y1 = a.roi
         box = np.zeros_like(mask)
@@ -222,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("nmf")
     s.add_argument("out")
     s.add_argument("--file-id", required=True, help="which file's maps (see the NMF file)")
-    s.add_argument("--roi", type=_roi, default=None, help="x0:x1,y0:y1 or * (default)")
+    s.add_argument("--roi", type=_roi, default=None,
+                   help="x0:x1,y0:y1, * (default) or auto (the only tissue section found)")
     s.add_argument("--section", default="section")
     s.add_argument("--modality", default="modality")
     s.add_argument("--pixel-size-um", type=float)

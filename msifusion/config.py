@@ -124,14 +124,18 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> dict:
     return validate_config(config, source=str(path))
 
 
-def parse_roi(text: str, where: str) -> tuple[int, int, int, int] | None:
-    """Parse ``x0:x1,y0:y1`` (0-based, half-open) or ``*`` (whole acquisition -> ``None``)."""
+def parse_roi(text: str, where: str) -> tuple[int, int, int, int] | str | None:
+    """Parse ``x0:x1,y0:y1`` (0-based, half-open), ``*`` (whole acquisition -> ``None``) or
+    ``auto`` (the section is found in the tissue mask -> ``"auto"``)."""
     text = text.strip()
     if text == "*":
         return None
+    if text.lower() == "auto":
+        return "auto"
     m = _ROI_RE.match(text)
     if not m:
-        raise InputError(f"{where}: roi {text!r} is not 'x0:x1,y0:y1' (0-based, half-open) or '*'")
+        raise InputError(f"{where}: roi {text!r} is not 'x0:x1,y0:y1' (0-based, half-open), '*' "
+                         "or 'auto'")
     x0, x1, y0, y1 = (int(v) for v in m.groups())
     if x1 <= x0 or y1 <= y0:
         raise InputError(f"{where}: roi {text!r} is empty (need x0 < x1 and y0 < y1)")
@@ -146,8 +150,17 @@ class Acquisition:
     modality: str
     imzml: str
     file_id: str
-    roi: tuple[int, int, int, int] | None
+    roi: tuple[int, int, int, int] | str | None
     row: int
+    #: With ``roi == "auto"``: rank of this section among the file's ``auto`` rows (sheet order)
+    #: and their number; the file's tissue sections, left to right, are given out in that order.
+    auto_index: int = 0
+    auto_count: int = 0
+
+    @property
+    def roi_param(self) -> list[int] | str | None:
+        """The ROI as a plain rule parameter: [x0, x1, y0, y1], "auto" or None (whole image)."""
+        return list(self.roi) if isinstance(self.roi, tuple) else self.roi
 
 
 @dataclass
@@ -243,8 +256,14 @@ def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisitio
         paths = list(dict.fromkeys(a.imzml for a in acquisitions if a.modality == modality))
         names = _unique_ids(paths)
         ids.update({(modality, p): n for p, n in zip(paths, names)})
-    return [Acquisition(a.section, a.modality, a.imzml, ids[(a.modality, a.imzml)], a.roi, a.row)
-            for a in acquisitions]
+    autos: dict[tuple[str, str], list[int]] = {}
+    for i, a in enumerate(acquisitions):
+        if a.roi == "auto":
+            autos.setdefault((a.modality, a.imzml), []).append(i)
+    rank = {i: (k, len(rows)) for rows in autos.values() for k, i in enumerate(rows)}
+    return [Acquisition(a.section, a.modality, a.imzml, ids[(a.modality, a.imzml)], a.roi, a.row,
+                        *rank.get(i, (0, 0)))
+            for i, a in enumerate(acquisitions)]
 
 
 def _unique_ids(paths: list[str]) -> list[str]:
@@ -261,7 +280,7 @@ def check_rois(acquisitions: list[Acquisition], sheet: str) -> None:
 
     shapes: dict[str, tuple | None] = {}
     for a in acquisitions:
-        if a.roi is None:
+        if a.roi is None or a.roi == "auto":
             continue
         if a.imzml not in shapes:
             shapes[a.imzml] = read_imzml_header(a.imzml).get("image_shape")

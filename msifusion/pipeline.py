@@ -142,14 +142,18 @@ def degrid_converted_step(converted: str, out: str, *, tile_px: int | None, meth
 
 # ----------------------------------------------------------------------------------------- stage 4
 def crop_step(nmf_file: str, file_id: str, out: str, *, section: str, modality: str,
-              roi: list[int] | None, imzml: str = "", pixel_size_um: float | None = None,
-              dilation_px: int = 0, min_size_px: int = 4, seed: int = 0) -> None:
+              roi: list[int] | str | None, imzml: str = "", pixel_size_um: float | None = None,
+              dilation_px: int = 0, min_size_px: int = 4, seed: int = 0, auto_index: int = 0,
+              auto_count: int = 1, auto_margin_px: int = 2) -> None:
     """Cut one section out of a modality's component maps and compute its tissue mask.
 
     Parameters
     ----------
-    roi : list of int or None
-        ``[x0, x1, y0, y1]`` (0-based, half-open, acquisition pixels) or None for the whole image.
+    roi : list of int, "auto" or None
+        ``[x0, x1, y0, y1]`` (0-based, half-open, acquisition pixels), None for the whole image,
+        or ``"auto"``: the bounding box (plus ``auto_margin_px``) of the ``auto_index``-th of the
+        ``auto_count`` tissue sections found in the acquisition, counted left to right
+        (:func:`auto_roi`).
     """
     from .nmf import read_nmf
     from .tissue import tissue_mask_from_maps
@@ -160,6 +164,15 @@ def crop_step(nmf_file: str, file_id: str, out: str, *, section: str, modality: 
         raise InputError(f"{nmf_file}: no maps for file {file_id!r} ({where})")
     maps = d["maps"][file_id]
     k, ny, nx = maps.shape
+    # Tissue is told from background on the whole acquisition (which holds both), then cut out,
+    # so that an ROI holding only background comes out empty instead of thresholding noise.
+    whole_mask = tissue_mask_from_maps(maps, dilation_px=dilation_px, min_size_px=min_size_px,
+                                       seed=seed)
+    if roi == "auto":
+        roi = auto_roi(whole_mask, auto_index, max(int(auto_count), 1), margin_px=auto_margin_px,
+                       where=where)
+        log.info("%s: roi auto -> %d:%d,%d:%d (section %d of %d, left to right)", where, *roi,
+                 auto_index + 1, auto_count)
     x0, x1, y0, y1 = roi if roi is not None else (0, nx, 0, ny)
     if x1 > nx or y1 > ny:
         raise InputError(f"{where}: roi {x0}:{x1},{y0}:{y1} lies outside the image "
@@ -169,11 +182,7 @@ def crop_step(nmf_file: str, file_id: str, out: str, *, section: str, modality: 
     if not acquired.any():
         raise InputError(f"{where}: roi {x0}:{x1},{y0}:{y1} contains no acquired spectrum "
                          "(empty section)")
-    # Tissue is told from background on the whole acquisition (which holds both), then cut out,
-    # so that an ROI holding only background comes out empty instead of thresholding noise.
-    mask = tissue_mask_from_maps(maps, dilation_px=dilation_px, min_size_px=min_size_px,
-                                 seed=seed)
-    mask = mask[y0:y1, x0:x1] & acquired
+    mask = whole_mask[y0:y1, x0:x1] & acquired
     if not mask.any():
         raise InputError(f"{where}: no tissue found in roi {x0}:{x1},{y0}:{y1} (empty section)")
     px = pixel_size_um if pixel_size_um else d["map_attrs"][file_id].get("pixel_size_um")
@@ -190,6 +199,45 @@ def crop_step(nmf_file: str, file_id: str, out: str, *, section: str, modality: 
         f["mz"] = d["mz"]
         f.attrs.update(origin_xy=(x0, y0), pixel_size_um=float(px), modality=modality,
                        section=section, source=str(imzml))
+
+
+def auto_roi(mask: np.ndarray, index: int, count: int, *, margin_px: int = 2,
+             min_fraction: float = 0.1, where: str = "") -> tuple[int, int, int, int]:
+    """ROI of one of the tissue sections of an acquisition, from its tissue mask.
+
+    Connected tissue components of at least ``min_fraction`` of the largest one are sections
+    (smaller ones are debris); they are ordered left to right (by the left edge of their box, then
+    the top) and the ``index``-th one's bounding box, grown by ``margin_px``, is returned.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (ny, nx)
+        Tissue mask of the whole acquisition.
+    index, count : int
+        Which section, and how many the sections sheet expects in this acquisition.
+
+    Returns
+    -------
+    (x0, x1, y0, y1)
+
+    Raises
+    ------
+    InputError
+        The mask holds a different number of sections than ``count`` (the boxes found are listed).
+    """
+    from .tissue import label_sections, propose_rois
+
+    labels, n = label_sections(mask)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    boxes = propose_rois(mask, margin_px)
+    boxes = [b for b, size in zip(boxes, sizes) if size >= min_fraction * sizes.max()] if n else []
+    boxes.sort(key=lambda b: (b[0], b[2]))
+    if len(boxes) != count:
+        found = ", ".join(f"{b[0]}:{b[1]},{b[2]}:{b[3]}" for b in boxes) or "none"
+        raise InputError(f"{where}: roi 'auto' found {len(boxes)} tissue section(s) ({found}) but "
+                         f"the sections sheet gives this file {count} section(s) with roi 'auto'; "
+                         "write their ROIs as x0:x1,y0:y1")
+    return boxes[index]
 
 
 def read_section_maps(path: str) -> dict:
@@ -221,6 +269,8 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *, model:
     from .register import plot_overlay, register_pair
 
     c, f = read_section_maps(coarse), read_section_maps(fine)
+    # The component maps of both sections score every placement beyond the total images
+    # (register_pair's multichannel similarity).
     # Two views of each section: the tissue alone (background 0), then, when that gives no
     # confident answer, the whole total image (off-tissue signal such as substrate or matrix
     # can carry the outline). The first view that passes wins; else the better-margin failure.
@@ -229,7 +279,7 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *, model:
         trial = register_pair(view(c), c["mask"], c["pixel_size_um"], view(f), f["mask"],
                               f["pixel_size_um"], model=model, n_starts=n_starts, mirror=mirror,
                               iterations=iterations, min_score=min_score, min_margin=min_margin,
-                              seed=seed)
+                              seed=seed, coarse_channels=c["maps"], fine_channels=f["maps"])
         trial.details["view"] = view.__name__
         if reg is None or trial.passed or (not reg.passed and trial.margin > reg.margin):
             reg = trial
@@ -277,7 +327,7 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
     """
     from .fuse import fuse_chain
     from .products import write_fused
-    from .register import Registration
+    from .register import Registration, chain_to_reference, pose
 
     levels = [read_section_maps(p) for p in maps]
     regs = []
@@ -299,12 +349,15 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
         scales_px=tuple(scales_px), consistency=consistency, min_coverage=min_coverage, seed=seed)
     summary = {"section": ref["section"], "reference": ref["modality"], "method": method,
                "levels": []}
-    for lv, res, out in zip(levels[1:], results, outs):
+    to_ref = chain_to_reference([r.matrix for r in regs])
+    for lv, res, out, m_ref in zip(levels[1:], results, outs, to_ref):
         write_fused(out, res.pred, ref["spectra"], ref["mz"], origin_xy=tuple(lv["origin_xy"]),
                     pixel_size_um=float(lv["pixel_size_um"]), reference=ref["modality"],
-                    extra={"cv_r": np.asarray(res.cv_r, np.float32)})
+                    extra={"cv_r": np.asarray(res.cv_r, np.float32), "matrix_to_reference": m_ref})
         summary["levels"].append({"modality": lv["modality"],
-                                  "cv_r": [float(v) for v in res.cv_r]})
+                                  "cv_r": [float(v) for v in res.cv_r],
+                                  "to_reference": pose(m_ref, lv["pixel_size_um"],
+                                                       ref["pixel_size_um"])})
         log.info("section %r, %s: mean cross-validated r %.3f", ref["section"], lv["modality"],
                  float(np.nanmean(res.cv_r)))
     with atomic_output(report) as tmp:

@@ -53,11 +53,13 @@ log = logging.getLogger("msifusion.register")
 __all__ = [
     "Registration",
     "register_pair",
+    "chain_to_reference",
     "compose",
     "invert",
     "transform_points",
     "warp_to_coarse",
     "plot_overlay",
+    "pose",
 ]
 
 #: Background padding around the coarse ROI (coarse px); larger than the widest smoothing support.
@@ -87,21 +89,28 @@ class LevelConfig:
         Adam step, coarse px (rotations: arc length at the tissue's RMS radius).
     weights : tuple of float
         Weight of each feature of :data:`FEATURES`.
+    channels : float
+        Weight (0-1) of the multichannel similarity (:func:`_pillai`) of the component maps, when
+        they are given; the features share the rest.
     """
 
     sigma: float
     spacing: float
     lr: float
     weights: tuple
+    channels: float = 0.0
 
 
 #: Search and batched refinement of all starts: wide capture (tissue outline, contrast-free edges).
 LEVEL_START = LevelConfig(1.5, 1.0, 0.5, (0.5, 0.5, 0.0))
 #: Refinement of the distinct candidates (the margin is measured after these).
-LEVELS_REFINE = (LevelConfig(0.8, 0.5, 0.2, (0.2, 0.4, 0.4)), LevelConfig(0.5, 0.5, 0.05, (0.0, 0.5, 0.5)))
+LEVELS_REFINE = (LevelConfig(0.8, 0.5, 0.2, (0.2, 0.4, 0.4), channels=0.5),
+                 LevelConfig(0.5, 0.5, 0.05, (0.0, 0.5, 0.5), channels=0.5))
 #: Polish of the winner on sharp edges (small blur: nearby edges with different contrasts in the two
 #: modalities interfere less).
-LEVELS_POLISH = (LevelConfig(0.35, 0.5, 0.03, (0.0, 0.5, 0.5)),)
+LEVELS_POLISH = (LevelConfig(0.35, 0.5, 0.03, (0.0, 0.5, 0.5), channels=0.8),)
+#: Ridge on the channel covariances of :func:`_pillai`, relative to their mean variance.
+CHANNEL_RIDGE = 1e-3
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,16 +177,12 @@ class Registration:
 
     def to_json(self) -> dict:
         """JSON-serialisable dict: pixel matrix, physical matrix, pixel sizes, scores."""
-        m = np.asarray(self.matrix, dtype=np.float64)
-        # physical: fine um -> coarse um:  q_um = c * (A (p_um / f) + t)
         c, f = float(self.coarse_px_um), float(self.fine_px_um)
-        m_um = np.concatenate([m[:, :2] * (c / f), m[:, 2:] * c], axis=1)
         return {
             "format": "msifusion-registration",
             "format_version": 1,
             "model": self.model,
-            "matrix_px": m.tolist(),
-            "matrix_um": m_um.tolist(),
+            **{k: v for k, v in pose(self.matrix, f, c).items() if k != "rotation_deg"},
             "rotation_deg": float(self.rotation_deg),
             "translation_um": [float(v) for v in self.translation_um],
             "scale": float(self.scale),
@@ -256,6 +261,55 @@ def compose(m_ab: np.ndarray, m_bc: np.ndarray) -> np.ndarray:
         ``m_bc @ m_ab`` in homogeneous form: maps frame ``a`` to frame ``c``.
     """
     return (_as_3x3(m_bc) @ _as_3x3(m_ab))[:2]
+
+
+def chain_to_reference(matrices) -> list[np.ndarray]:
+    """Compose the matrices of a registration chain into maps to the chain's first frame.
+
+    Parameters
+    ----------
+    matrices : sequence of ndarray, shape (2, 3)
+        ``matrices[i]`` maps level ``i + 1`` pixel coordinates to level ``i``.
+
+    Returns
+    -------
+    list of ndarray, shape (2, 3)
+        Element ``i`` maps level ``i + 1`` pixel coordinates to level 0 (the reference).
+    """
+    out, acc = [], np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    for m in matrices:
+        acc = compose(m, acc)
+        out.append(acc)
+    return out
+
+
+def pose(m: np.ndarray, from_px_um: float, to_px_um: float) -> dict:
+    """A pixel matrix described in physical units.
+
+    Parameters
+    ----------
+    m : ndarray, shape (2, 3)
+        Maps ``from`` pixel coordinates ``(x, y, 1)`` to ``to`` pixel coordinates.
+    from_px_um, to_px_um : float
+        Pixel sizes of the two frames, micrometres.
+
+    Returns
+    -------
+    dict
+        ``matrix_px`` (2 x 3), ``matrix_um`` (2 x 3, micrometres to micrometres),
+        ``rotation_deg`` (of the linear part, mirror removed), ``mirror``, ``scale`` (to px per
+        from px), ``translation_um`` (where ``from`` pixel (0, 0) lies in ``to``, micrometres).
+    """
+    m = np.asarray(m, dtype=np.float64)
+    f, c = float(from_px_um), float(to_px_um)
+    m_um = np.concatenate([m[:, :2] * (c / f), m[:, 2:] * c], axis=1)
+    a = m[:, :2]
+    mirror = bool(np.linalg.det(a) < 0)
+    r = a @ np.diag([-1.0, 1.0]) if mirror else a
+    return {"matrix_px": m.tolist(), "matrix_um": m_um.tolist(),
+            "rotation_deg": _wrap_deg(math.degrees(math.atan2(r[1, 0] - r[0, 1], r[0, 0] + r[1, 1]))),
+            "mirror": mirror, "scale": math.sqrt(abs(float(np.linalg.det(a)))),
+            "translation_um": [float(m[0, 2] * c), float(m[1, 2] * c)]}
 
 
 def invert(m: np.ndarray) -> np.ndarray:
@@ -442,6 +496,74 @@ def _weighted_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps_a: floa
     return cov / torch.sqrt(va * vb)
 
 
+def _pillai(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ridge: float = CHANNEL_RIDGE) -> torch.Tensor:
+    """Weighted Pillai trace: the mean squared canonical correlation of two sets of channels.
+
+    ``tr(Cxx^-1 Cxy Cyy^-1 Cyx) / min(kx, ky)``, in [0, 1]: how much of each modality's channels a
+    linear map of the other's explains, whatever the contrasts (different instruments see
+    different ions in different proportions). Unlike the NCC of one total image, it rewards every
+    shared pattern: a wrong placement may match the total image, but rarely all the components.
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, N, kx)
+        Channels of one modality at N points, for B poses.
+    y : Tensor, shape (N, ky)
+        Channels of the other modality at the same points.
+    w : Tensor, shape (B, N)
+        Point weights.
+    ridge : float
+        Added to the covariance diagonals, relative to their mean variance.
+
+    Returns
+    -------
+    Tensor, shape (B,)
+    """
+    x, y, w = x.double(), y.double(), w.double()
+    sw = w.sum(-1).clamp_min(1e-9)[:, None, None]
+    wx = w[..., None] * x
+    mx = wx.sum(1, keepdim=True) / sw
+    my = torch.einsum("bn,nk->bk", w, y)[:, None] / sw
+    xc = x - mx
+    yc = y[None] - my
+    cxx = torch.einsum("bni,bnj->bij", wx, xc) / sw
+    cyy = torch.einsum("bn,bni,bnj->bij", w, yc, yc) / sw
+    cxy = torch.einsum("bni,bnj->bij", wx, yc) / sw
+    kx, ky = x.shape[-1], y.shape[-1]
+
+    def reg(c, k):
+        lam = ridge * torch.diagonal(c, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+        return c + lam[:, None, None] * torch.eye(k, dtype=c.dtype, device=c.device)
+
+    a = torch.linalg.solve(reg(cxx, kx), cxy)
+    b = torch.linalg.solve(reg(cyy, ky), cxy.transpose(-1, -2))
+    return (torch.diagonal(a @ b, dim1=-2, dim2=-1).sum(-1) / min(kx, ky)).float()
+
+
+def _channel_stack(stack: np.ndarray, b: int, pad: int = 0) -> np.ndarray:
+    """Component maps ``(k, ny, nx)`` for :func:`_pillai`: b x b block means, each channel divided
+    by its 99th percentile, NaN where not acquired, padded with ``pad`` px of NaN (unknown)."""
+    out = []
+    for m in np.asarray(stack, dtype=np.float64):
+        mean, _ = _block_mean(m, b)
+        fin = np.isfinite(mean)
+        scale = float(np.percentile(np.abs(mean[fin]), 99.0)) if fin.any() else 0.0
+        out.append(mean / scale if scale > 0 else np.where(fin, 0.0, np.nan))
+    out = np.array(out)
+    return np.pad(out, ((0, 0), (pad, pad), (pad, pad)), constant_values=np.nan) if pad else out
+
+
+def _smooth_channels(stack: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """NaN-aware smoothing of every channel; returns (values, 0 where invalid; validity (ny, nx))."""
+    valid = np.isfinite(stack).all(axis=0)
+    out = np.empty(stack.shape, dtype=np.float64)
+    den = None
+    for i, ch in enumerate(stack):
+        out[i], den = _smooth_nan(ch, valid, sigma)
+    ok = valid & (den > 0.98)
+    return np.where(ok, out, 0.0), ok
+
+
 class _Level:
     """Features of one resolution level, ready for batched similarity evaluation.
 
@@ -452,9 +574,13 @@ class _Level:
     s_work : float
         Coarse pixels per fine working pixel.
     device : torch.device
+    channels : (ndarray, ndarray), optional
+        Component maps of the coarse modality on its padded grid and of the fine modality on its
+        working grid (:func:`_channel_stack`), for the multichannel term (``cfg.channels``).
     """
 
-    def __init__(self, coarse: _Grid, fine: _Grid, cfg: LevelConfig, s_work: float, device: torch.device):
+    def __init__(self, coarse: _Grid, fine: _Grid, cfg: LevelConfig, s_work: float, device: torch.device,
+                 channels: tuple | None = None):
         sigma_c, spacing_c = cfg.sigma, cfg.spacing
         self.weights = np.asarray(cfg.weights, dtype=np.float64) / float(np.sum(cfg.weights))
         self.used = [k for k in range(len(FEATURES)) if self.weights[k] > 0]
@@ -479,27 +605,59 @@ class _Level:
         floors = _feature_floors(sigma_c)
         self.eps = [float(floors[k]) for k in self.used]
         self.w_used = torch.as_tensor(self.weights[self.used], dtype=torch.float32, device=device)
+        self.w_channels = float(cfg.channels) if channels is not None else 0.0
+        if self.w_channels > 0:
+            cc, cok = _smooth_channels(channels[0], sigma_c)
+            fc_, fok = _smooth_channels(channels[1], _matched_sigma(sigma_c, s_work))
+            self.coarse_ch = torch.as_tensor(np.concatenate([cc, cok[None]])[None], dtype=torch.float32,
+                                             device=device)
+            fc_, fok = fc_[:, ::stride, ::stride], fok[::stride, ::stride]
+            self.fine_ch = torch.as_tensor(fc_[:, vv, uu].T, dtype=torch.float32, device=device)  # (N, kf)
+            self.fine_ch_ok = torch.as_tensor(fok[vv, uu], dtype=torch.float32, device=device)
 
-    def sample(self, q: torch.Tensor) -> torch.Tensor:
-        """Coarse channels at coarse ROI pixel coordinates ``q`` (B, N, 2) -> (B, n_used + 1, N)."""
+    def sample(self, q: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """Coarse channels at coarse ROI pixel coordinates ``q`` (B, N, 2) -> (B, n_used + 1, N)
+        (or the channels of ``source`` (1, c, ny, nx))."""
         gx = 2.0 * (q[..., 0] + self.pad) / max(self.nx - 1, 1) - 1.0
         gy = 2.0 * (q[..., 1] + self.pad) / max(self.ny - 1, 1) - 1.0
         grid = torch.stack([gx, gy], dim=-1)[:, None]  # (B, 1, N, 2)
-        src = self.coarse.expand(q.shape[0], -1, -1, -1)
+        src = (self.coarse if source is None else source).expand(q.shape[0], -1, -1, -1)
         out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         return out[:, :, 0, :]
 
-    def similarity(self, q: torch.Tensor, components: bool = False) -> torch.Tensor:
-        """Weighted NCC similarity (B,) of the fine points mapped to ``q`` (B, N, 2).
+    def channel_similarity(self, q: torch.Tensor) -> torch.Tensor:
+        """Multichannel similarity (:func:`_pillai`, B,) of the component maps at ``q`` (B, N, 2)."""
+        smp = self.sample(q, self.coarse_ch)
+        w = (smp[:, -1] > 0.99).float() * self.fine_ch_ok[None]
+        return _pillai(smp[:, :-1].transpose(1, 2), self.fine_ch, w)
 
-        With ``components=True``: a dict feature name -> NCC (B,) of the features in use."""
+    def similarity(self, q: torch.Tensor, components: bool = False) -> torch.Tensor:
+        """Similarity (B,) of the fine points mapped to ``q`` (B, N, 2): the weighted NCC of the
+        features, mixed with the multichannel similarity when component maps were given.
+
+        With ``components=True``: a dict feature name -> NCC (B,) of the features in use (and
+        ``channels`` -> multichannel similarity)."""
         smp = self.sample(q)
         w = (1.0 - smp[:, -1]).clamp(0.0, 1.0)
         nccs = torch.stack([_weighted_ncc(smp[:, i], self.fine_vals[i][None], w, self.eps[i], self.eps[i])
                             for i in range(len(self.used))], dim=-1)
         if components:
-            return {FEATURES[k]: nccs[:, i] for i, k in enumerate(self.used)}
-        return (nccs * self.w_used).sum(-1)
+            out = {FEATURES[k]: nccs[:, i] for i, k in enumerate(self.used)}
+            if self.w_channels > 0:
+                out["channels"] = self.channel_similarity(q)
+            return out
+        sim = (nccs * self.w_used).sum(-1)
+        if self.w_channels > 0:
+            sim = (1.0 - self.w_channels) * sim + self.w_channels * self.channel_similarity(q)
+        return sim
+
+    def feature_similarity(self, q: torch.Tensor) -> torch.Tensor:
+        """The weighted NCC of the features alone (B,)."""
+        w_ch, self.w_channels = self.w_channels, 0.0
+        try:
+            return self.similarity(q)
+        finally:
+            self.w_channels = w_ch
 
 
 def _feature_floors(sigma_c: float) -> np.ndarray:
@@ -771,6 +929,8 @@ def register_pair(
     check_mirror: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
+    coarse_channels: np.ndarray | None = None,
+    fine_channels: np.ndarray | None = None,
 ) -> Registration:
     """Register a fine-modality ROI image onto a coarse-modality ROI image of the same section.
 
@@ -819,6 +979,12 @@ def register_pair(
         Accepted for the pipeline's uniform signature; unused (the search is deterministic).
     device : str or torch.device, optional
         Default: ``"cuda"`` when available, else ``"cpu"``.
+    coarse_channels, fine_channels : ndarray, shape (k, ny, nx), optional
+        Component maps of each modality on the grids of ``coarse_img`` / ``fine_img`` (NaN where
+        not acquired). With both, every level after the search also scores the placement by the
+        multichannel similarity of the maps (mean squared canonical correlation, weight
+        ``LevelConfig.channels``), which tells a placement that matches all the shared patterns
+        from one that only matches the total image; ``ncc`` stays the features' similarity.
 
     Returns
     -------
@@ -850,6 +1016,13 @@ def register_pair(
     s_work = s * b  # coarse px per working px
     coarse = _pad_coarse(cimg, cmask, COARSE_PAD)
     fine = _prepare(fimg, fmask, b)
+    chs = None
+    if coarse_channels is not None and fine_channels is not None:
+        cch, fch = np.asarray(coarse_channels), np.asarray(fine_channels)
+        if cch.ndim != 3 or cch.shape[1:] != cimg.shape or fch.ndim != 3 or fch.shape[1:] != fimg.shape:
+            raise InputError(f"register_pair: channels must be stacks (k, ny, nx) on the image grids: "
+                             f"coarse {cch.shape} vs {cimg.shape}, fine {fch.shape} vs {fimg.shape}")
+        chs = (_channel_stack(cch, 1, COARSE_PAD), _channel_stack(fch, b))
     if fine.mask.sum() < 4:
         return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model, "fine tissue too small")
 
@@ -864,7 +1037,7 @@ def register_pair(
     far = max(3.0, 0.1 * r_rms)  # pose distance (coarse px) beyond which two solutions differ
 
     cfg = LEVEL_START
-    lv0 = _Level(coarse, fine, cfg, s_work, dev)
+    lv0 = _Level(coarse, fine, cfg, s_work, dev, chs)
     if lv0.points.shape[0] < 16:
         return _failed(cimg.shape, fimg.shape, coarse_px, fine_px, model,
                        "fine field of view too small for the coarse resolution")
@@ -925,7 +1098,7 @@ def register_pair(
     state = None
     levels = [lv0]
     for cfg in LEVELS_REFINE:
-        lv = _Level(coarse, fine, cfg, s_work, dev)
+        lv = _Level(coarse, fine, cfg, s_work, dev, chs)
         levels.append(lv)
         state = _optimise(lv, p1, iterations=iterations, lr=cfg.lr, init=state)
     phi1, delta1, e1, sim1 = state
@@ -938,7 +1111,7 @@ def register_pair(
     p2 = poses_of(p1.theta0[sel].cpu().numpy(), p1.mirror[sel].cpu().numpy(), p1.t0[sel].cpu().numpy())
     state = (phi1[sel], delta1[sel], e1[sel], None)
     for cfg in LEVELS_POLISH:
-        lv = _Level(coarse, fine, cfg, s_work, dev)
+        lv = _Level(coarse, fine, cfg, s_work, dev, chs)
         state = _optimise(lv, p2, iterations=iterations, lr=cfg.lr, init=state)
     if model == "affine":
         state = _optimise(lv, p2, iterations=2 * iterations, lr=LEVELS_POLISH[-1].lr, affine=True, init=state)
@@ -947,8 +1120,9 @@ def register_pair(
     q_pts = p2.map(lv.points, phi_f, delta_f, e_use)
     with torch.no_grad():
         comps = {k: float(v[0]) for k, v in lv.similarity(q_pts, components=True).items()}
-        ncc = float(lv.similarity(q_pts)[0])
-        ncc_levels = [float(lvx.similarity(p2.map(lvx.points, phi_f, delta_f, e_use))[0]) for lvx in levels]
+        ncc = float(lv.feature_similarity(q_pts)[0])
+        ncc_levels = [float(lvx.feature_similarity(p2.map(lvx.points, phi_f, delta_f, e_use))[0])
+                      for lvx in levels]
     a_fin, q_fin = pose_arrays(p2, phi_f, delta_f, e_use)
     a_fin, q_fin = a_fin[0], q_fin[0]
     matrix = np.concatenate([a_fin, (q_fin - a_fin @ centre)[:, None]], axis=1)

@@ -10,11 +10,9 @@ rule crop:
     params:
         file_id=lambda wc: STUDY.acquisition(wc.section, wc.modality).file_id,
         imzml=lambda wc: STUDY.acquisition(wc.section, wc.modality).imzml,
-        roi=lambda wc: (
-            list(STUDY.acquisition(wc.section, wc.modality).roi)
-            if STUDY.acquisition(wc.section, wc.modality).roi
-            else None
-        ),
+        roi=lambda wc: STUDY.acquisition(wc.section, wc.modality).roi_param,
+        auto_index=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_index,
+        auto_count=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_count,
         pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
         dilation_px=config["tissue"]["dilation_px"],
         min_size_px=config["tissue"]["min_size_px"],

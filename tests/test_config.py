@@ -85,6 +85,40 @@ def test_sheet_read_relative_paths_and_file_ids(tmp_path):
     assert file_id("x/My Run.IMZML") == "My_Run"
 
 
+def test_roi_auto_rows_ranked_per_file(tmp_path):
+    """roi auto: each file's auto rows are numbered in sheet order (the sections, left to right)."""
+    touch_imzml(tmp_path, "ft.imzML")
+    touch_imzml(tmp_path, "m1.imzML")
+    touch_imzml(tmp_path, "m2.imzML")
+    sheet = write_sheet(tmp_path / "s.tsv", [
+        ("s1", "fticr", "ft.imzML", "auto"), ("s1", "maldi", "m1.imzML", "AUTO"),
+        ("s2", "fticr", "ft.imzML", "auto"), ("s2", "maldi", "m2.imzML", "*"),
+        ("s3", "fticr", "ft.imzML", "0:5,0:5"), ("s3", "maldi", "m2.imzML", "0:5,0:5")])
+    acq = {(a.section, a.modality): a for a in read_sections(sheet, ["fticr", "maldi"])}
+    assert parse_roi("auto", "x") == "auto"
+    assert acq["s1", "fticr"].roi == "auto" and acq["s2", "fticr"].roi == "auto"
+    assert (acq["s1", "fticr"].auto_index, acq["s1", "fticr"].auto_count) == (0, 2)
+    assert (acq["s2", "fticr"].auto_index, acq["s2", "fticr"].auto_count) == (1, 2)
+    assert (acq["s1", "maldi"].auto_index, acq["s1", "maldi"].auto_count) == (0, 1)
+    assert acq["s3", "fticr"].auto_count == 0
+
+
+def test_auto_roi_orders_sections_left_to_right_and_checks_count():
+    import numpy as np
+
+    from msifusion.pipeline import auto_roi
+
+    mask = np.zeros((30, 60), bool)
+    mask[5:25, 35:55] = True      # the larger section, on the right
+    mask[10:20, 5:15] = True      # the smaller one, on the left
+    mask[2, 2] = True             # debris
+    assert auto_roi(mask, 0, 2, margin_px=2) == (3, 17, 8, 22)
+    assert auto_roi(mask, 1, 2, margin_px=2) == (33, 57, 3, 27)
+    with pytest.raises(InputError, match=r"found 2 tissue section\(s\) \(3:17,8:22, 33:57,3:27\)"
+                                         r" but the sections sheet gives this file 3"):
+        auto_roi(mask, 0, 3, margin_px=2, where="file x")
+
+
 @pytest.mark.parametrize("rows, message", [
     ([("s1", "fticr", "missing.imzML", "*"), ("s1", "maldi", "ft.imzML", "*")],
      "row 2: imzML file not found"),

@@ -16,6 +16,7 @@ from pyimzml.ImzMLParser import ImzMLParser
 
 from msifusion.evaluate import read_table
 from msifusion.phantom import generate_study
+from msifusion.register import pose
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -37,9 +38,6 @@ def small_config(sheet: str, chain, *, tile_px=None, truth="study/truth") -> dic
     cfg.update(sections=sheet, chain=list(chain), modalities=mods)
     cfg["nmf"]["max_iter"] = 100
     cfg["registration"]["n_starts"] = 24
-    # the small phantom's ToF-SIMS field of view is only ~10 x 10 MALDI pixels of partly
-    # featureless tissue: its best placement is accurate but has a thin margin over others
-    cfg["registration"]["min_margin"] = 0.0
     cfg["evaluation"]["truth"] = truth
     return cfg
 
@@ -180,7 +178,14 @@ def test_registration_recovers_true_transform(three_modality_run):
                 pts = np.stack([xs, ys, np.ones_like(xs)]).astype(float)
                 true_fc = _fine_to_coarse(t, c, fine)
                 err = np.linalg.norm(np.asarray(doc["matrix_px"]) @ pts - true_fc @ pts, axis=0)
-                assert np.percentile(err, 95) < 0.5, (section, c, fine, err.max())
+                assert np.sqrt((err ** 2).mean()) <= 0.25, (section, c, fine, err.max())
+                rot_err = abs((pose(doc["matrix_px"], 1, 1)["rotation_deg"]
+                               - pose(true_fc, 1, 1)["rotation_deg"] + 180) % 360 - 180)
+                # the small phantom's FT-ICR sections are only ~20 x 14 px (0.5 deg there is 0.06 px);
+                # the 0.5-deg criterion is measured on the demo geometry by
+                # benchmarks/bench_register_study.py --preset demo
+                assert rot_err <= 1.0, (section, c, fine, rot_err)
+                assert doc["passed"] and doc["margin"] >= cfg["registration"]["min_margin"]
 
 
 def _fine_to_coarse(t, coarse, fine):
@@ -255,3 +260,29 @@ def test_empty_section_fails_alone(error_study):
     first = summary["sections"][0]
     assert (workdir / "results" / first / "fused_maldi.h5").exists()
     assert not (workdir / "results" / summary["sections"][-1] / "fused_maldi.h5").exists()
+
+
+def test_roi_auto_finds_the_sections_of_a_shared_file(tmp_path):
+    """roi auto on the reference file holding both sections: each section's crop holds the same
+    tissue as with the ROI the phantom wrote, inside that ROI grown by the auto margin."""
+    summary, cfg = setup_study(tmp_path)
+    sheet = tmp_path / "study" / "sections.tsv"
+    rows = [r.split("\t") for r in sheet.read_text().splitlines()]
+    given = {r[0]: [int(v) for v in r[3].replace(",", ":").split(":")] for r in rows[1:]
+             if r[1] == "fticr"}
+    sheet.write_text("\n".join("\t".join(r[:3] + ["auto" if r[1] == "fticr" else r[3]])
+                               for r in rows) + "\n")
+    snakemake(tmp_path, *[f"results/{s}/maps_fticr.h5" for s in summary["sections"]])
+    from msifusion.pipeline import crop_step, read_section_maps
+    for s in summary["sections"]:
+        auto = read_section_maps(tmp_path / "results" / s / "maps_fticr.h5")
+        ref_out = tmp_path / f"given_{s}.h5"
+        crop_step(str(tmp_path / "results" / "nmf" / "fticr.h5"), "fticr_sections", str(ref_out),
+                  section=s, modality="fticr", roi=given[s], seed=cfg["seed"],
+                  dilation_px=cfg["tissue"]["dilation_px"], min_size_px=cfg["tissue"]["min_size_px"])
+        ref = read_section_maps(ref_out)
+        x0, y0 = auto["origin_xy"]
+        ny, nx = auto["mask"].shape
+        gx0, gx1, gy0, gy1 = given[s]
+        assert gx0 - 2 <= x0 and x0 + nx <= gx1 + 2 and gy0 - 2 <= y0 and y0 + ny <= gy1 + 2
+        assert auto["mask"].sum() == ref["mask"].sum() > 50
