@@ -233,3 +233,42 @@ def test_chain_predicts_reference_through_two_levels():
     np.testing.assert_allclose(as_dicts[1].pred, results[1].pred, atol=1e-6)
     with pytest.raises(InputError, match="matrices"):
         fuse_chain([level0, level1], [])
+
+
+def _section_maps(path, maps, px, modality):
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["maps"] = maps.astype(np.float32)
+        f["mask"] = np.ones(maps.shape[1:], bool)
+        f["acquired"] = np.ones(maps.shape[1:], bool)
+        f["spectra"] = np.eye(len(maps), 5, dtype=np.float32)
+        f["mz"] = np.linspace(700.0, 800.0, 5)
+        f.attrs.update(origin_xy=(0, 0), pixel_size_um=px, modality=modality, section="s1",
+                       source="")
+
+
+def test_failed_registration_is_never_fused(tmp_path):
+    """A pair whose registration failed stops that section's fusion with a message naming the
+    section, the pair, the verdict figures and the QC figure; nothing is written."""
+    import json
+
+    from msifusion.errors import QualityError
+    from msifusion.pipeline import fuse_step
+    from msifusion.register import Registration
+
+    rng = np.random.default_rng(0)
+    _section_maps(tmp_path / "c.h5", rng.random((3, 8, 8)), 40.0, "fticr")
+    _section_maps(tmp_path / "f.h5", rng.random((3, 32, 32)), 10.0, "maldi")
+    reg = Registration(matrix=scale_matrix(4), rotation_deg=0.0, translation_um=(0.0, 0.0),
+                       scale=0.25, mirror=False, score=0.2, ncc=0.1, margin=0.001, passed=False,
+                       coarse_px_um=40.0, fine_px_um=10.0)
+    doc = reg.to_json() | {"section": "s1", "coarse": "fticr", "fine": "maldi"}
+    (tmp_path / "transform_fticr_maldi.json").write_text(json.dumps(doc))
+    out = tmp_path / "fused_maldi.h5"
+    with pytest.raises(QualityError, match=r"section 's1': registration maldi -> fticr .*FAILED; "
+                                           r"not fusing it\. Inspect .*qc_fticr_maldi\.png"):
+        fuse_step([str(tmp_path / "c.h5"), str(tmp_path / "f.h5")],
+                  [str(tmp_path / "transform_fticr_maldi.json")], [str(out)],
+                  str(tmp_path / "fusion.json"))
+    assert not out.exists() and not (tmp_path / "fusion.json").exists()
