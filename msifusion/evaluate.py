@@ -147,14 +147,31 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def section_roi(section_maps: str) -> list[int]:
+    """``[x0, x1, y0, y1]`` of a section maps file (``results/{section}/maps_{modality}.h5``) in its
+    acquisition: the ROI as cropped, also when the sheet said ``auto``."""
+    with h5py.File(section_maps, "r") as f:
+        x0, y0 = (int(v) for v in f.attrs["origin_xy"])
+        ny, nx = f["mask"].shape
+    return [x0, x0 + nx, y0, y0 + ny]
+
+
 def evaluate_study(truth: list[str], fused: list[str], reference: list[str], out: str, *,
-                   sections: list[str], chain: list[str], rois: list, targets=None,
+                   sections: list[str], chain: list[str], rois: list | None = None,
+                   section_maps: list[str] | None = None, targets=None,
                    ppm: float = 10.0) -> list[dict]:
     """Evaluate every section and write a TSV table (``out``); the table is also logged.
 
     ``fused`` lists the products section by section in chain order (``chain[1:]`` per section).
+    The sections' ROIs in the reference acquisition are ``rois`` or, when None, read from the
+    reference's ``section_maps`` files (:func:`section_roi`).
     """
     finer = list(chain[1:])
+    if rois is None:
+        if section_maps is None or len(section_maps) != len(sections):
+            raise InputError("evaluate_study: give rois or one reference section maps file per "
+                             "section")
+        rois = [section_roi(p) for p in section_maps]
     rows = []
     for i, section in enumerate(sections):
         paths = dict(zip(finer, fused[i * len(finer):(i + 1) * len(finer)]))

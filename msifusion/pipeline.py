@@ -311,7 +311,9 @@ def registration_summary(doc: dict) -> str:
 # ----------------------------------------------------------------------------------------- stage 5
 def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: str, *,
               method: str = "ridge", n_components: int = 10, scales_px=(0, 1, 2, 4),
-              consistency: bool = False, min_coverage: float = 0.9, seed: int = 0) -> None:
+              alpha_rule: str = "1se", consistency: bool = False, min_coverage: float = 0.9,
+              targets: list[float] | None = None, ppm: float = 5.0, min_target_r: float = 0.5,
+              seed: int = 0) -> None:
     """Chained fusion of one section: predict reference maps at every finer level.
 
     Parameters
@@ -323,9 +325,15 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
     outs : list of str
         Fused product paths for ``maps[1:]``.
     report : str
-        JSON file with the cross-validated scores per level and component.
+        JSON file with the cross-validated scores per level and component, and per target.
+    targets, ppm : list of float, float
+        Target m/z (+- ppm) scored per level (:func:`msifusion.fuse.target_scores`); a target whose
+        cross-validated r at some step of the chain up to a level is below ``min_target_r`` is
+        flagged as not predictable at that level (and every finer one) in the products, the
+        report and the log.
     """
-    from .fuse import fuse_chain
+    from .fuse import fuse_chain, target_scores
+    from .spectra import mz_window
     from .products import write_fused
     from .register import Registration, chain_to_reference, pose
 
@@ -346,22 +354,48 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
         [dict(maps=target, mask=ref["mask"])] + [dict(maps=lv["maps"], mask=lv["mask"]) for lv in
                                                  levels[1:]],
         [r.matrix for r in regs], method=method, n_components=n_components,
-        scales_px=tuple(scales_px), consistency=consistency, min_coverage=min_coverage, seed=seed)
+        scales_px=tuple(scales_px), alpha_rule=alpha_rule, consistency=consistency,
+        min_coverage=min_coverage, seed=seed)
     summary = {"section": ref["section"], "reference": ref["modality"], "method": method,
-               "levels": []}
+               "min_target_r": float(min_target_r), "levels": []}
     to_ref = chain_to_reference([r.matrix for r in regs])
+    targets = [float(t) for t in (targets or [])]
+    weights = np.array([ref["spectra"][:, mz_window(ref["mz"], t, ppm)].sum(axis=1)
+                        for t in targets], dtype=np.float64).reshape(len(targets), -1)
+    chain_r = np.full(len(targets), np.inf)
+    step_target = target
     for lv, res, out, m_ref in zip(levels[1:], results, outs, to_ref):
+        r_t, resid_t = target_scores(weights, step_target, res.residual, res.info["train_mask"])
+        chain_r = np.fmin(chain_r, np.where(np.isfinite(r_t), r_t, -np.inf))
+        ok = chain_r >= min_target_r
+        step_target = res.pred
         write_fused(out, res.pred, ref["spectra"], ref["mz"], origin_xy=tuple(lv["origin_xy"]),
                     pixel_size_um=float(lv["pixel_size_um"]), reference=ref["modality"],
-                    extra={"cv_r": np.asarray(res.cv_r, np.float32), "matrix_to_reference": m_ref})
+                    extra={"cv_r": np.asarray(res.cv_r, np.float32), "matrix_to_reference": m_ref,
+                           "target_mz": np.asarray(targets, np.float64),
+                           "target_cv_r": np.asarray(chain_r, np.float32),
+                           "target_predictable": ok, "target_cv_residual": resid_t,
+                           "target_ppm": float(ppm), "min_target_r": float(min_target_r)})
         summary["levels"].append({"modality": lv["modality"],
                                   "cv_r": [float(v) for v in res.cv_r],
+                                  "targets": [{"mz": t, "cv_r": _num(r), "chain_cv_r": _num(c),
+                                               "predictable": bool(o)}
+                                              for t, r, c, o in zip(targets, r_t, chain_r, ok)],
                                   "to_reference": pose(m_ref, lv["pixel_size_um"],
                                                        ref["pixel_size_um"])})
         log.info("section %r, %s: mean cross-validated r %.3f", ref["section"], lv["modality"],
                  float(np.nanmean(res.cv_r)))
+        for t, c in zip(np.asarray(targets)[~ok], chain_r[~ok]):
+            log.warning("section %r, %s: m/z %.4f is NOT PREDICTABLE from the finer modalities "
+                        "(cross-validated r %.2f < %.2f): its fused image only interpolates the "
+                        "coarse one", ref["section"], lv["modality"], t, c, min_target_r)
     with atomic_output(report) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
+
+
+def _num(v: float) -> float | None:
+    """A float for JSON (None for NaN or infinite)."""
+    return float(v) if np.isfinite(v) else None
 
 
 def products_step(reference_maps: str, fused: list[str], out_dir: str, *, targets: list[float],
@@ -375,19 +409,22 @@ def products_step(reference_maps: str, fused: list[str], out_dir: str, *, target
                            save_tiff)
 
     ref = read_section_maps(reference_maps)
-    levels = [(ref["modality"], ref["maps"], ref["mask"], float(ref["pixel_size_um"]))]
+    levels = [(ref["modality"], ref["maps"], ref["mask"], float(ref["pixel_size_um"]), {})]
     for path in fused:
         d = read_fused(path)
         levels.append((_modality_of(path), d["maps"], np.isfinite(d["maps"]).all(0),
-                       float(d["pixel_size_um"])))
+                       float(d["pixel_size_um"]), d["extra"]))
     written, spectra_by_level = [], {}
-    for modality, maps, mask, px in levels:
+    for modality, maps, mask, px, extra in levels:
         spectra_by_level[f"{modality} ({px:g} um)"] = roi_mean_spectrum(ref["spectra"], maps, mask)
         for mz in targets:
             img = ion_image(ref["spectra"], ref["mz"], maps, mz, ppm)
             stem = Path(out_dir) / f"ion_{modality}_mz{mz:.4f}"
-            save_image_png(img, f"{stem}.png", pixel_size_um=px,
-                           title=f"{ref['section']}: m/z {mz:.4f} +- {ppm:g} ppm, {modality} grid",
+            title = f"{ref['section']}: m/z {mz:.4f} +- {ppm:g} ppm, {modality} grid"
+            flag = _target_flag(extra, mz)
+            if flag is not None:
+                title += f"\nNOT PREDICTABLE (cross-validated r {flag:.2f}): coarse image interpolated"
+            save_image_png(img, f"{stem}.png", pixel_size_um=px, title=title,
                            label="intensity (a.u.)")
             save_tiff(img, f"{stem}.tif", pixel_size_um=px)
             written += [f"{stem}.png", f"{stem}.tif"]
@@ -399,6 +436,16 @@ def products_step(reference_maps: str, fused: list[str], out_dir: str, *, target
     if missing:
         raise RuntimeError(f"products step did not write {missing}")
     return written
+
+
+def _target_flag(extra: dict, mz: float) -> float | None:
+    """The cross-validated r of a fused product's target ``mz`` when it is flagged as not
+    predictable, else None (also for targets the product does not score)."""
+    mzs = np.asarray(extra.get("target_mz", []), dtype=np.float64)
+    hit = np.flatnonzero(np.isclose(mzs, mz, rtol=0, atol=1e-6))
+    if not hit.size or bool(np.asarray(extra["target_predictable"])[hit[0]]):
+        return None
+    return float(np.asarray(extra["target_cv_r"])[hit[0]])
 
 
 def _modality_of(fused_path: str) -> str:

@@ -4,6 +4,7 @@ rule evaluate:
         truth=lambda wc: [f"{config['evaluation']['truth']}/{s}.h5" for s in SECTIONS],
         fused=[f"results/{s}/fused_{m}.h5" for s in SECTIONS for m in CHAIN[1:]],
         reference=[f"results/converted/{REF}/{STUDY.acquisition(s, REF).file_id}.h5" for s in SECTIONS],
+        section_maps=[f"results/{s}/maps_{REF}.h5" for s in SECTIONS],
         code=lib("evaluate"),
     output:
         table="results/evaluation.tsv",
@@ -12,7 +13,6 @@ rule evaluate:
     params:
         sections=SECTIONS,
         chain=CHAIN,
-        rois=[list(STUDY.acquisition(s, REF).roi or []) for s in SECTIONS],
         targets=TARGETS,
         ppm=config["targets"]["ppm"],
     threads: 1

@@ -15,8 +15,12 @@ rule fuse:
         method=config["fusion"]["method"],
         n_components=config["fusion"]["n_components"],
         scales_px=config["fusion"]["scales_px"],
+        alpha_rule=config["fusion"]["alpha_rule"],
         consistency=config["fusion"]["consistency"],
         min_coverage=config["fusion"]["min_coverage"],
+        targets=TARGETS,
+        ppm=config["targets"]["ppm"],
+        min_target_r=config["fusion"]["min_target_r"],
         seed=config["seed"],
     threads: 2
     resources:

@@ -9,4 +9,5 @@ from msifusion.pipeline import run_job
 
 run_job(snakemake, evaluate_study, truth=list(snakemake.input.truth),
         fused=list(snakemake.input.fused), reference=list(snakemake.input.reference),
+        section_maps=list(snakemake.input.section_maps),
         out=snakemake.output.table, **snakemake.params)

@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from msifusion.errors import InputError
 from msifusion.fuse import (FusionResult, footprint_average, fuse_chain, fuse_pair,
-                            multiscale_features)
+                            multiscale_features, target_scores)
 
 
 def scale_matrix(ratio, tx=0.0, ty=0.0):
@@ -145,6 +145,25 @@ def test_ridge_recovers_linear_target_at_fine_grid():
     assert np.all(r_fine(res.pred, truth) > r_fine(up, truth) + 0.02)
     assert res.residual.shape == coarse.shape
     assert res.info["n_train"] == 16 * 16 and res.info["train_mask"].all()
+
+
+def test_target_scores_flag_what_the_fine_modality_cannot_explain():
+    """Component 0 is a linear function of the fine maps, component 1 an unrelated coarse
+    pattern (a species the fine modality does not see): the target made of component 0 scores
+    high, the one made of component 1 near 0, a 50/50 mix in between; the residual images are
+    the held-out residuals combined with the same weights."""
+    fine, coarse, _, m = linear_problem()
+    rng = np.random.default_rng(5)
+    unseen = fields(rng, 1, 16, 1.0)[0] * 2.0 + 1.0
+    target = np.stack([coarse[0], unseen])
+    res = fuse_pair(target, None, fine, m, method="ridge")
+    w = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    r, resid = target_scores(w, target, res.residual, res.info["train_mask"])
+    assert r[0] > 0.99 and r[1] < 0.3 and r[1] < r[2] < r[0]   # no signal: r near 0 or below
+    assert resid.shape == (3, 16, 16) and resid.dtype == np.float32
+    np.testing.assert_allclose(resid[2], res.residual[0] + res.residual[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="shapes"):
+        target_scores(w[:, :1], target, res.residual, res.info["train_mask"])
 
 
 def test_cca_runs_and_is_not_better_than_ridge():

@@ -286,3 +286,30 @@ def test_roi_auto_finds_the_sections_of_a_shared_file(tmp_path):
         gx0, gx1, gy0, gy1 = given[s]
         assert gx0 - 2 <= x0 and x0 + nx <= gx1 + 2 and gy0 - 2 <= y0 and y0 + ny <= gy1 + 2
         assert auto["mask"].sum() == ref["mask"].sum() > 50
+
+
+def test_reference_only_species_flagged_not_predictable(three_modality_run):
+    """The FT-ICR-only species is flagged in every fused product and the fusion report; at the
+    first finer level (MALDI, which sees every other target) nothing else is. At the ToF-SIMS
+    level a target may also be flagged: its small field of view and low counts may not explain a
+    target there (the chained score is the lowest step's)."""
+    from msifusion.products import read_fused
+
+    workdir, summary, cfg, _ = three_modality_run
+    only = float(summary["reference_only_mz"])
+    for section in summary["sections"]:
+        report = json.loads((workdir / "results" / section / "fusion.json").read_text())
+        first = {round(t["mz"], 4): t["predictable"] for t in report["levels"][0]["targets"]}
+        assert first.pop(round(only, 4)) is False and all(first.values()), report["levels"][0]
+        previous = None
+        for modality, level in zip(cfg["chain"][1:], report["levels"]):
+            extra = read_fused(workdir / "results" / section / f"fused_{modality}.h5")["extra"]
+            i = int(np.argmin(np.abs(extra["target_mz"] - only)))
+            assert not extra["target_predictable"][i] and extra["target_cv_r"][i] < 0.5
+            assert list(extra["target_predictable"]) == [t["predictable"] for t in level["targets"]]
+            assert extra["target_cv_residual"].shape[0] == len(extra["target_mz"])
+            if previous is not None:   # a flag is inherited down the chain
+                assert not np.any(~previous & extra["target_predictable"])
+            previous = np.asarray(extra["target_predictable"])
+    log = (workdir / "logs" / "fuse" / f"{summary['sections'][0]}.log").read_text()
+    assert f"m/z {only:.4f} is NOT PREDICTABLE" in log
