@@ -1,8 +1,7 @@
 """Fusion accuracy benchmark: every fusion method against ground truth and against bicubic.
 
-(a) Phantom studies (``msifusion.phantom``; several seeds and geometries: preset ``small`` with
-    the test suite's configuration, NMF rank 8; preset ``demo`` with the shipped configuration,
-    ranks 12 / 12 / 10). The workflow runs up to
+(a) Phantom studies (``msifusion.phantom``; several seeds and geometries: presets ``small`` and
+    ``demo``, with the shipped configuration: NMF ranks 12 / 12 / 10). The workflow runs up to
     the registration (conversion, NMF, grid removal, section maps, registration: the transforms
     are estimated, not given); then each method fuses the chain in this process and its ion images
     at every finer level are compared with the noise-free truth. Bicubic upsampling of the coarse
@@ -86,17 +85,17 @@ def ssim(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
 
 def run_study(preset: str, seed: int, workdir: Path) -> dict:
     """Generate a study and run the workflow up to the registration; return what fusion needs."""
-    from test_workflow import small_config, snakemake
+    from test_workflow import snakemake
 
     chain = ("fticr", "maldi", "tofsims")
     tile = 20 if preset == "small" else 40
     summary = generate_study(workdir / "study", preset=preset, seed=seed, chain=chain, tile_px=tile)
-    if preset == "demo":   # the shipped configuration (the README demo)
-        cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-        cfg.update(sections="study/sections.tsv")
-        cfg["evaluation"]["truth"] = "study/truth"
-    else:                  # the test suite's configuration of the small phantom
-        cfg = small_config("study/sections.tsv", chain, tile_px=tile)
+    # the shipped configuration (NMF ranks 12 / 12 / 10), with the phantom's pixel size and tile
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg.update(sections="study/sections.tsv")
+    cfg["evaluation"]["truth"] = "study/truth"
+    cfg["modalities"]["tofsims"]["pixel_size_um"] = 10 if preset == "small" else 5
+    cfg["modalities"]["tofsims"]["grid"]["tile_px"] = tile
     cfg["targets"]["mz"] = [float(m) for m in summary["targets_mz"]]
     (workdir / "config").mkdir(exist_ok=True)
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -117,7 +116,8 @@ def evaluate_methods(study: dict, out: Path) -> list[dict]:
             transforms = [str(w / "results" / s / f"transform_{c}_{f}.json")
                           for c, f in zip(chain[:-1], chain[1:])]
             fused = {m: str(out / f"{s}_{m}.h5") for m in chain[1:]}
-            fuse_step(maps, transforms, list(fused.values()), str(out / f"{s}_fusion.json"), **kw)
+            fuse_step(maps, transforms, list(fused.values()), str(out / f"{s}_fusion.json"),
+                      targets=list(summary["targets_mz"]), ppm=study["cfg"]["targets"]["ppm"], **kw)
             reference = next((w / "results" / "converted" / ref).glob("*.h5"))
             for r in evaluate_section(str(w / "study" / "truth" / f"{s}.h5"), fused, str(reference),
                                       section_roi(maps[0]), targets=summary["targets_mz"],

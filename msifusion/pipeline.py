@@ -361,7 +361,7 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
     to_ref = chain_to_reference([r.matrix for r in regs])
     targets = [float(t) for t in (targets or [])]
     weights = np.array([ref["spectra"][:, mz_window(ref["mz"], t, ppm)].sum(axis=1)
-                        for t in targets], dtype=np.float64).reshape(len(targets), -1)
+                        for t in targets], dtype=np.float64).reshape(len(targets), len(ref["spectra"]))
     chain_r = np.full(len(targets), np.inf)
     step_target = target
     for lv, res, out, m_ref in zip(levels[1:], results, outs, to_ref):
