@@ -51,8 +51,10 @@ METHODS = {
     "ridge, multi-scale": dict(method="ridge", scales_px=(0, 1, 2, 4), consistency=False),
     "ridge, multi-scale + consistency": dict(method="ridge", scales_px=(0, 1, 2, 4),
                                              consistency=True),
+    "ridge, multi-scale + consistency, 1 se": dict(method="ridge", scales_px=(0, 1, 2, 4),
+                                                   consistency=True, alpha_se=1.0),
     "ridge, multi-scale + consistency, alpha min": dict(method="ridge", scales_px=(0, 1, 2, 4),
-                                                        consistency=True, alpha_rule="min"),
+                                                        consistency=True, alpha_se=0.0),
 }
 
 
@@ -66,7 +68,7 @@ def default_method() -> str:
             return name
         if (kw["method"] == fu["method"] and kw["consistency"] == fu["consistency"]
                 and list(kw["scales_px"]) == list(fu["scales_px"])
-                and kw.get("alpha_rule", "1se") == fu["alpha_rule"]):
+                and kw.get("alpha_se", 0.25) == fu["alpha_se"]):
             return name
     raise SystemExit(f"the shipped fusion settings {fu} are not among the benchmarked methods")
 

@@ -311,7 +311,7 @@ def registration_summary(doc: dict) -> str:
 # ----------------------------------------------------------------------------------------- stage 5
 def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: str, *,
               method: str = "ridge", n_components: int = 10, scales_px=(0, 1, 2, 4),
-              alpha_rule: str = "1se", consistency: bool = False, min_coverage: float = 0.9,
+              alpha_se: float = 0.25, consistency: bool = False, min_coverage: float = 0.9,
               targets: list[float] | None = None, ppm: float = 5.0, min_target_r: float = 0.5,
               seed: int = 0) -> None:
     """Chained fusion of one section: predict reference maps at every finer level.
@@ -354,7 +354,7 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
         [dict(maps=target, mask=ref["mask"])] + [dict(maps=lv["maps"], mask=lv["mask"]) for lv in
                                                  levels[1:]],
         [r.matrix for r in regs], method=method, n_components=n_components,
-        scales_px=tuple(scales_px), alpha_rule=alpha_rule, consistency=consistency,
+        scales_px=tuple(scales_px), alpha_se=alpha_se, consistency=consistency,
         min_coverage=min_coverage, seed=seed)
     summary = {"section": ref["section"], "reference": ref["modality"], "method": method,
                "min_target_r": float(min_target_r), "levels": []}

@@ -15,7 +15,7 @@ rule fuse:
         method=config["fusion"]["method"],
         n_components=config["fusion"]["n_components"],
         scales_px=config["fusion"]["scales_px"],
-        alpha_rule=config["fusion"]["alpha_rule"],
+        alpha_se=config["fusion"]["alpha_se"],
         consistency=config["fusion"]["consistency"],
         min_coverage=config["fusion"]["min_coverage"],
         targets=TARGETS,
