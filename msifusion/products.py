@@ -98,6 +98,66 @@ def roi_mean_spectrum(spectra: np.ndarray, maps: np.ndarray, mask: np.ndarray) -
     return weights @ np.asarray(spectra, dtype=np.float64)
 
 
+def region_on_grid(shape: tuple[int, int], to_reference: np.ndarray, region: np.ndarray,
+                   region_to_reference: np.ndarray) -> np.ndarray:
+    """Pixels of one grid whose centres fall inside a region drawn on another grid.
+
+    Both grids are tied to the reference grid of the section by their pixel matrices (e.g. a
+    fused product's ``extra/matrix_to_reference``; the identity for the reference itself).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        ``(ny, nx)`` of the grid to fill.
+    to_reference : ndarray, shape (2, 3)
+        This grid's pixel ``(x, y, 1)`` -> reference pixel.
+    region : ndarray of bool, shape (nyr, nxr)
+        The region on its own grid.
+    region_to_reference : ndarray, shape (2, 3)
+        The region grid's pixel -> reference pixel.
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+        True where the pixel centre lies in a region pixel (nearest-pixel lookup).
+    """
+    region = np.asarray(region, dtype=bool)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    pts = np.stack([xx.ravel(), yy.ravel(), np.ones(xx.size)])
+    m = np.vstack([np.asarray(to_reference, np.float64), [0.0, 0.0, 1.0]])
+    r = np.vstack([np.asarray(region_to_reference, np.float64), [0.0, 0.0, 1.0]])
+    q = (np.linalg.inv(r) @ m @ pts)[:2]
+    ix, iy = np.rint(q[0]).astype(np.int64), np.rint(q[1]).astype(np.int64)
+    inside = (ix >= 0) & (iy >= 0) & (ix < region.shape[1]) & (iy < region.shape[0])
+    out = np.zeros(xx.size, dtype=bool)
+    out[inside] = region[iy[inside], ix[inside]]
+    return out.reshape(shape)
+
+
+def region_mask(roi: Mapping, shape: tuple[int, int]) -> np.ndarray:
+    """The bool mask ``(ny, nx)`` of a configured ROI (``box`` or ``mask`` file) on its grid."""
+    name = roi.get("name", "roi")
+    if "box" in roi:
+        x0, x1, y0, y1 = (int(v) for v in roi["box"])
+        if not (0 <= x0 < x1 <= shape[1] and 0 <= y0 < y1 <= shape[0]):
+            raise InputError(f"roi {name!r}: box {x0}:{x1},{y0}:{y1} does not fit the "
+                             f"{shape[1]} x {shape[0]} px section grid of its level (x by y)")
+        out = np.zeros(shape, dtype=bool)
+        out[y0:y1, x0:x1] = True
+        return out
+    path = roi["mask"]
+    if not os.path.exists(path):
+        raise InputError(f"roi {name!r}: mask file not found: {path}")
+    try:
+        out = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"roi {name!r}: {path} is not a .npy array ({err})") from err
+    if out.shape != tuple(shape):
+        raise InputError(f"roi {name!r}: mask {path} has shape {out.shape}, the section grid of "
+                         f"its level is {tuple(shape)}")
+    return out.astype(bool)
+
+
 # --------------------------------------------------------------------------------------------
 # fused HDF5 product
 # --------------------------------------------------------------------------------------------

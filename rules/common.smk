@@ -64,8 +64,16 @@ def pair_files(section, kind, ext):
     return [f"results/{section}/{kind}_{c}_{f}.{ext}" for c, f in STUDY.pairs()]
 
 
+def section_rois(section):
+    """The configured ROIs with the section's mask paths."""
+    return [dict(r, mask=r["mask"].replace("{section}", section)) if "mask" in r else dict(r)
+            for r in config["rois"]]
+
+
 def product_files(section):
     files = [f"results/{section}/roi_mean_spectra.png"]
+    for roi in config["rois"]:
+        files += [f"results/{section}/roi_{roi['name']}.{ext}" for ext in ("tsv", "png")]
     for modality in CHAIN:
         for mz in TARGETS:
             stem = f"results/{section}/ion_{modality}_mz{mz:.4f}"

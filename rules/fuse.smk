@@ -37,6 +37,7 @@ rule products:
     input:
         reference=f"results/{{section}}/maps_{REF}.h5",
         fused=[f"results/{{section}}/fused_{m}.h5" for m in CHAIN[1:]],
+        masks=lambda wc: [r["mask"] for r in section_rois(wc.section) if "mask" in r],
         code=lib("products"),
     output:
         product_files("{section}"),
@@ -45,6 +46,7 @@ rule products:
     params:
         targets=TARGETS,
         ppm=config["targets"]["ppm"],
+        rois=lambda wc: section_rois(wc.section),
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(1000 + 4 * size_mb(input)) * attempt,

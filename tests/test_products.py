@@ -10,6 +10,7 @@ from matplotlib.image import imread
 
 from msifusion.errors import InputError
 from msifusion.products import (ion_image, mz_window, plot_before_after, plot_components,
+                                region_mask, region_on_grid,
                                 plot_spectrum, read_fused, roi_mean_spectrum, save_image_png,
                                 save_tiff, write_fused)
 
@@ -151,3 +152,32 @@ def test_plot_before_after(tmp_path):
     with pytest.raises(InputError, match=r"x\.png: before/after images must both be \(ny, nx\)"):
         plot_before_after(a, a[:, :5], tmp_path / "x.png", pixel_size_um=2.0)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_region_on_grid_through_the_reference():
+    """A region drawn on the coarse reference grid lands on the fine pixels it covers, and back."""
+    fine_to_ref = np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25]])    # 2 x 2 fine px per coarse px
+    coarse = np.zeros((4, 4), bool)
+    coarse[1, 1] = True
+    fine = region_on_grid((8, 8), fine_to_ref, coarse, np.eye(2, 3))
+    expect = np.zeros((8, 8), bool)
+    expect[2:4, 2:4] = True
+    np.testing.assert_array_equal(fine, expect)
+    back = region_on_grid((4, 4), np.eye(2, 3), fine, fine_to_ref)
+    np.testing.assert_array_equal(back, coarse)
+    # outside the region's grid is outside the region
+    assert not region_on_grid((3, 3), np.array([[1.0, 0, 10], [0, 1.0, 0]]), coarse,
+                              np.eye(2, 3)).any()
+
+
+def test_region_mask_box_file_and_errors(tmp_path):
+    box = region_mask({"name": "a", "box": [1, 3, 0, 2]}, (4, 5))
+    assert box.sum() == 4 and box[0:2, 1:3].all()
+    with pytest.raises(InputError, match="roi 'a': box 1:9,0:2 does not fit the 5 x 4 px"):
+        region_mask({"name": "a", "box": [1, 9, 0, 2]}, (4, 5))
+    np.save(tmp_path / "m.npy", np.eye(4, 5, dtype=bool))
+    assert region_mask({"name": "b", "mask": str(tmp_path / "m.npy")}, (4, 5)).sum() == 4
+    with pytest.raises(InputError, match="has shape \\(4, 5\\), the section grid of its level is"):
+        region_mask({"name": "b", "mask": str(tmp_path / "m.npy")}, (5, 5))
+    with pytest.raises(InputError, match="mask file not found"):
+        region_mask({"name": "c", "mask": str(tmp_path / "none.npy")}, (4, 5))

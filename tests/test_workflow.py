@@ -77,6 +77,15 @@ def three_modality_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("wf3")
     summary, cfg = setup_study(workdir, tile_px=20, grid_tile_px=20)   # tiles divide 100 x 100
     cfg["export"] = {"imzml": True}
+    # named ROIs: a box on the reference grid, and a mask per section on the MALDI grid
+    (workdir / "masks").mkdir()
+    for section in summary["sections"]:
+        shape = summary["shapes"][Path(summary["files"][section]["maldi"]).name]
+        m = np.zeros(shape, bool)
+        m[shape[0] // 3: 2 * shape[0] // 3, shape[1] // 3: 2 * shape[1] // 3] = True
+        np.save(workdir / "masks" / f"{section}_centre.npy", m)
+    cfg["rois"] = [{"name": "box", "box": [5, 15, 5, 12]},
+                   {"name": "centre", "level": "maldi", "mask": "masks/{section}_centre.npy"}]
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     dry = snakemake(workdir, "-n")
     snakemake(workdir)
@@ -313,3 +322,30 @@ def test_reference_only_species_flagged_not_predictable(three_modality_run):
             previous = np.asarray(extra["target_predictable"])
     log = (workdir / "logs" / "fuse" / f"{summary['sections'][0]}.log").read_text()
     assert f"m/z {only:.4f} is NOT PREDICTABLE" in log
+
+
+def test_named_rois_spectra_at_every_level(three_modality_run):
+    """Configured ROIs give a mean spectrum per level; the reference column of the box equals the
+    mean reconstructed spectrum of its tissue pixels."""
+    from msifusion.pipeline import read_section_maps
+    from msifusion.products import roi_mean_spectrum
+
+    workdir, summary, cfg, _ = three_modality_run
+    for section in summary["sections"]:
+        for name in ("box", "centre"):
+            tsv = workdir / "results" / section / f"roi_{name}.tsv"
+            assert (workdir / "results" / section / f"roi_{name}.png").stat().st_size > 0
+            lines = tsv.read_text().splitlines()
+            counts = dict(part.rsplit(" ", 1) for part in lines[0].split("; tissue pixels ")[1]
+                          .split(", "))
+            assert set(counts) == set(cfg["chain"]) and all(int(v) > 0 for v in counts.values())
+            header = lines[1].split("\t")
+            assert header[0] == "mz" and len(header) == 1 + len(cfg["chain"])
+            table = np.array([[float(v) for v in ln.split("\t")] for ln in lines[2:]])
+            assert np.isfinite(table).all() and table.shape[0] > 10
+        ref = read_section_maps(workdir / "results" / section / "maps_fticr.h5")
+        box = np.zeros(ref["mask"].shape, bool)
+        box[5:12, 5:15] = True
+        expect = roi_mean_spectrum(ref["spectra"], ref["maps"], box & ref["mask"])
+        table = np.loadtxt(workdir / "results" / section / "roi_box.tsv", skiprows=2)
+        np.testing.assert_allclose(table[:, 1], expect, rtol=1e-5, atol=1e-6 * expect.max())
