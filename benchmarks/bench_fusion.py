@@ -36,10 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from msifusion.evaluate import bicubic_to_grid, evaluate_section, section_roi  # noqa: E402
+from msifusion.evaluate import (bicubic_to_grid, evaluate_section, raw_ion_image,  # noqa: E402
+                                section_roi)
+from msifusion.store import ConvertedReader  # noqa: E402
 from msifusion.fuse import fuse_pair  # noqa: E402
 from msifusion.phantom import generate_study  # noqa: E402
 from msifusion.pipeline import fuse_step  # noqa: E402
+from msifusion.products import ion_image, read_fused  # noqa: E402
 
 CUBE = ROOT.parent / "shared" / "data" / "real" / "tofsims_poplar" / "tofsims_trift_poplar_256x256.h5"
 
@@ -128,7 +131,6 @@ def evaluate_methods(study: dict, out: Path) -> list[dict]:
                     g = t[r["level"]]
                     ti = int(np.argmin(np.abs(t.attrs["targets_mz"] - r["target_mz"])))
                     truth, mask = g["ion_images"][ti], g["mask"][()]
-                    from msifusion.products import ion_image, read_fused
                     d = read_fused(fused[r["level"]])
                     pred = ion_image(d["spectra"], d["mz"], d["maps"], r["target_mz"],
                                      study["cfg"]["targets"]["ppm"])
@@ -143,9 +145,7 @@ def evaluate_methods(study: dict, out: Path) -> list[dict]:
 
 
 def _raw(reference, mz, ppm, roi):
-    from msifusion.evaluate import raw_ion_image
-    from msifusion.store import ConvertedReader
-
+    """The reference's raw ion image (+- ppm) cut to the section ROI."""
     img = raw_ion_image(ConvertedReader(str(reference)), float(mz), ppm)
     x0, x1, y0, y1 = roi
     return img[y0:y1, x0:x1]
