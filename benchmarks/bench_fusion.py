@@ -54,6 +54,8 @@ METHODS = {
     "ridge, multi-scale": dict(method="ridge", scales_px=(0, 1, 2, 4), consistency=False),
     "ridge, multi-scale + consistency": dict(method="ridge", scales_px=(0, 1, 2, 4),
                                              consistency=True),
+    "ridge, multi-scale + consistency auto": dict(method="ridge", scales_px=(0, 1, 2, 4),
+                                                  consistency="auto"),
     "ridge, multi-scale + consistency, 1 se": dict(method="ridge", scales_px=(0, 1, 2, 4),
                                                    consistency=True, alpha_se=1.0),
     "ridge, multi-scale + consistency, alpha min": dict(method="ridge", scales_px=(0, 1, 2, 4),

@@ -82,7 +82,8 @@ def cmd_fuse(a):
     if len(a.transforms) != len(a.maps) - 1 or len(a.out) != len(a.maps) - 1:
         raise MsifusionError("fuse: give N maps files (reference first), N-1 transforms and "
                              "N-1 outputs")
-    fuse_step(a.maps, a.transforms, a.out, a.report, method=a.method, consistency=a.consistency,
+    consistency = {"auto": "auto", "on": True, "off": False}[a.consistency]
+    fuse_step(a.maps, a.transforms, a.out, a.report, method=a.method, consistency=consistency,
               seed=a.seed)
 
 
@@ -251,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", nargs="+", required=True, help="fused products for maps[1:]")
     s.add_argument("--report", required=True, help="JSON with cross-validated scores")
     s.add_argument("--method", choices=["ridge", "cca"], default="ridge")
-    s.add_argument("--consistency", action="store_true")
+    s.add_argument("--consistency", choices=("auto", "on", "off"), default="auto",
+                   help="footprint consistency with the coarse values: auto (per component, by "
+                        "how little the finer modality explains it), on or off")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_fuse)
 

@@ -35,6 +35,10 @@ log = logging.getLogger("msifusion.fuse")
 
 #: Default ridge penalties, per training pixel, for features in units of their fine-grid std.
 DEFAULT_ALPHAS = tuple(np.logspace(-8, 2, 21))
+#: ``consistency="auto"``: component k keeps the fraction ``1 - max(cv_r_k, 0) ** CONSISTENCY_POWER``
+#: of the consistency correction (cv_r 0.95: 0.34; 0.99: 0.08; 0.8: 0.83); measured best among
+#: 2, 4 and 8 on the phantoms of ``benchmarks/bench_fusion.py``.
+CONSISTENCY_POWER = 8
 
 
 @dataclass
@@ -552,7 +556,7 @@ def _cca_cv(pairs: _Pairs, fold, n_folds, n_components, fine):
 def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_maps: np.ndarray,
               matrix: np.ndarray, *, method: str = "ridge", n_components: int | None = None,
               scales_px: Sequence[float] = (0, 1, 2, 4), alphas: Sequence[float] = DEFAULT_ALPHAS,
-              alpha_se: float = 0.25, consistency: bool = False,
+              alpha_se: float = 0.25, consistency: bool | str = False,
               backprojection: str = "bilinear", min_coverage: float = 0.9, supersample: int = 4,
               n_folds: int = 5, seed: int = 0, level: str = "fine level") -> FusionResult:
     """Predict the coarse target's component maps on the fine grid.
@@ -592,10 +596,13 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
         MSE is within ``alpha_se`` standard errors of the best one (0: the best one). Coarse-pixel
         validation cannot see fine-scale overfitting; 0.25 measured best on phantoms and the real
         cube (``benchmarks/bench_fusion.py``).
-    consistency : bool
+    consistency : bool or "auto"
         Correct the prediction by iterative back-projection of the coarse residual so that its
         footprint averages reproduce the target on the training pixels (to ``1e-4`` of the
-        target's range, at most 200 iterations).
+        target's range, at most 200 iterations). ``"auto"``: apply to each target component
+        the fraction ``1 - max(cv_r, 0) ** CONSISTENCY_POWER`` of that correction, so that what
+        the fine modality explains (high cross-validated r) keeps its fine-scale prediction and
+        what it does not explain is brought back to the measured coarse values.
     backprojection : {"bilinear", "box"}
         How a coarse residual is spread onto fine pixels: bilinear interpolation at the fine pixel
         centres (smooth, default) or the overlap-weighted footprint (blocky).
@@ -638,6 +645,8 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
     if backprojection not in ("box", "bilinear"):
         raise InputError(f"{level}: unknown back-projection {backprojection!r} "
                          "(use 'bilinear' or 'box')")
+    if consistency not in (True, False, "auto"):
+        raise InputError(f"{level}: consistency must be true, false or 'auto', got {consistency!r}")
     if not (np.isfinite(alpha_se) and alpha_se >= 0):
         raise InputError(f"{level}: alpha_se must be a number >= 0, got {alpha_se!r}")
     m = _check_matrix(matrix, level)
@@ -677,7 +686,12 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
         a = (sp.diags(1.0 / pairs.cov[rows]) @ pairs.op[rows]).tocsr()
         b = (_box_backprojection(pairs.op[rows]) if backprojection == "box" else
              _bilinear_backprojection(pairs.fine_idx, fine.shape[1:], m, coarse_shape, rows))
+        plain = pred_flat
         pred_flat, n_it, max_abs = _enforce_consistency(pred_flat, a, b, pairs.y)
+        if consistency == "auto":
+            share = 1.0 - np.clip(np.nan_to_num(cv_r, nan=0.0), 0.0, 1.0) ** CONSISTENCY_POWER
+            pred_flat = plain + (pred_flat - plain) * share[None, :]
+            info["consistency_share"] = share
         info["consistency_iterations"] = n_it
         info["consistency_max_abs"] = max_abs
         log.info("%s: consistency after %d iterations, max |residual| %.3g", level, n_it, max_abs)

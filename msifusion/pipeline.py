@@ -311,7 +311,7 @@ def registration_summary(doc: dict) -> str:
 # ----------------------------------------------------------------------------------------- stage 5
 def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: str, *,
               method: str = "ridge", n_components: int = 10, scales_px=(0, 1, 2, 4),
-              alpha_se: float = 0.25, consistency: bool = False, min_coverage: float = 0.9,
+              alpha_se: float = 0.25, consistency: bool | str = False, min_coverage: float = 0.9,
               targets: list[float] | None = None, ppm: float = 5.0, min_target_r: float = 0.5,
               seed: int = 0) -> None:
     """Chained fusion of one section: predict reference maps at every finer level.

@@ -166,6 +166,25 @@ def test_target_scores_flag_what_the_fine_modality_cannot_explain():
         target_scores(w[:, :1], target, res.residual, res.info["train_mask"])
 
 
+def test_consistency_auto_corrects_only_what_the_fine_modality_cannot_explain():
+    """consistency="auto": a component the fine maps explain keeps its fine-scale prediction, an
+    unexplained one gets the full consistency correction; bad values are refused."""
+    fine, coarse, _, m = linear_problem()
+    unseen = fields(np.random.default_rng(5), 1, 16, 1.0)[0] * 2.0 + 1.0
+    target = np.stack([coarse[0], unseen])
+    plain, cons, auto = (fuse_pair(target, None, fine, m, consistency=c)
+                         for c in (False, True, "auto"))
+    share = auto.info["consistency_share"]
+    assert share[0] < 0.1 and share[1] > 0.9
+    for k, ref in ((0, plain), (1, cons)):
+        other = cons if ref is plain else plain
+        d_ref = np.abs(auto.pred[k] - ref.pred[k]).mean()
+        d_other = np.abs(auto.pred[k] - other.pred[k]).mean()
+        assert d_ref < 0.15 * d_other, (k, d_ref, d_other)
+    with pytest.raises(InputError, match="consistency must be true, false or 'auto'"):
+        fuse_pair(target, None, fine, m, consistency="yes")
+
+
 def test_cca_runs_and_is_not_better_than_ridge():
     fine, coarse, truth, m = linear_problem(seed=1)
     ridge = fuse_pair(coarse, None, fine, m, method="ridge")
