@@ -75,9 +75,10 @@ def bicubic_to_grid(coarse: np.ndarray, matrix: np.ndarray, fine_shape: tuple[in
 
 
 def _ion(fused: dict, target: float, ppm: float) -> np.ndarray:
-    from .products import ion_image
+    """The product's ion image as it ships (interpolated for a target flagged not predictable)."""
+    from .products import product_ion_image
 
-    return ion_image(fused["spectra"], fused["mz"], fused["maps"], target, ppm)
+    return product_ion_image(fused, target, ppm)[0]
 
 
 def evaluate_section(truth: str, fused: dict[str, str], reference: str, roi, *, targets=None,

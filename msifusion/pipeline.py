@@ -364,17 +364,23 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
                         for t in targets], dtype=np.float64).reshape(len(targets), len(ref["spectra"]))
     chain_r = np.full(len(targets), np.inf)
     step_target = target
+    # per target: its image at the last level where it was predictable, and that grid -> reference
+    ref_images = np.tensordot(weights, np.nan_to_num(ref["maps"].astype(np.float64)), axes=1)
+    trusted = [(img, np.eye(2, 3)) for img in ref_images]
     for lv, res, out, m_ref in zip(levels[1:], results, outs, to_ref):
         r_t, resid_t = target_scores(weights, step_target, res.residual, res.info["train_mask"])
         chain_r = np.fmin(chain_r, np.where(np.isfinite(r_t), r_t, -np.inf))
         ok = chain_r >= min_target_r
         step_target = res.pred
+        images = _target_images(weights, res.pred, ok, trusted, m_ref)
+        trusted = [(img, m_ref) if o else t for img, o, t in zip(images, ok, trusted)]
         write_fused(out, res.pred, ref["spectra"], ref["mz"], origin_xy=tuple(lv["origin_xy"]),
                     pixel_size_um=float(lv["pixel_size_um"]), reference=ref["modality"],
                     extra={"cv_r": np.asarray(res.cv_r, np.float32), "matrix_to_reference": m_ref,
                            "target_mz": np.asarray(targets, np.float64),
                            "target_cv_r": np.asarray(chain_r, np.float32),
                            "target_predictable": ok, "target_cv_residual": resid_t,
+                           "target_image": images,
                            "target_ppm": float(ppm), "min_target_r": float(min_target_r)})
         summary["levels"].append({"modality": lv["modality"],
                                   "cv_r": [float(v) for v in res.cv_r],
@@ -387,10 +393,43 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
                  float(np.nanmean(res.cv_r)))
         for t, c in zip(np.asarray(targets)[~ok], chain_r[~ok]):
             log.warning("section %r, %s: m/z %.4f is NOT PREDICTABLE from the finer modalities "
-                        "(cross-validated r %.2f < %.2f): its fused image only interpolates the "
-                        "coarse one", ref["section"], lv["modality"], t, c, min_target_r)
+                        "(cross-validated r %.2f < %.2f): its product image is the coarse one "
+                        "interpolated", ref["section"], lv["modality"], t, c, min_target_r)
     with atomic_output(report) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
+
+
+def _target_images(weights: np.ndarray, pred: np.ndarray, predictable: np.ndarray,
+                   trusted: list, to_reference: np.ndarray) -> np.ndarray:
+    """The target ion images a fused product vouches for, shape (T, ny, nx) float32.
+
+    A predictable target's image is reconstructed from the predicted maps ``pred`` (k, ny, nx)
+    with ``weights`` (T, k). A target flagged as not predictable gets its image at the last
+    coarser level where it was predictable (the reference's own image when none was),
+    interpolated (bicubic) onto this grid, so the product never paints fine detail that no finer
+    modality supports.
+
+    Parameters
+    ----------
+    weights : ndarray, shape (T, k)
+    pred : ndarray, shape (k, ny, nx)
+        NaN where not acquired (NaN in the output there).
+    predictable : ndarray of bool, shape (T,)
+    trusted : list of (ndarray (ny_t, nx_t), ndarray (2, 3))
+        Per target: its image at the last level where it was predictable and that level's
+        pixel -> reference pixel matrix.
+    to_reference : ndarray, shape (2, 3)
+        This grid's pixel -> reference pixel.
+    """
+    from .evaluate import bicubic_to_grid
+    from .register import compose, invert
+
+    acquired = np.isfinite(pred).all(0)
+    images = np.tensordot(weights, np.nan_to_num(pred.astype(np.float64)), axes=1)
+    for t in np.flatnonzero(~np.asarray(predictable, dtype=bool)):
+        img, m_src = trusted[t]
+        images[t] = bicubic_to_grid(img, compose(to_reference, invert(m_src)), pred.shape[1:])
+    return np.where(acquired[None], images, np.nan).astype(np.float32)
 
 
 def _num(v: float) -> float | None:
@@ -408,24 +447,28 @@ def products_step(reference_maps: str, fused: list[str], out_dir: str, *, target
     schema) whose mean spectra at every level go to ``roi_{name}.tsv`` and ``.png``.
     Returns the list of files written.
     """
-    from .products import (ion_image, plot_spectrum, read_fused, roi_mean_spectrum, save_image_png,
-                           save_tiff)
+    from .products import (ion_image, plot_spectrum, product_ion_image, read_fused,
+                           roi_mean_spectrum, save_image_png, save_tiff)
 
     ref = read_section_maps(reference_maps)
     levels = [(ref["modality"], ref["maps"], ref["mask"], float(ref["pixel_size_um"]),
                {"matrix_to_reference": np.eye(2, 3)})]
+    products = [None]
     for path in fused:
         d = read_fused(path)
+        products.append(d)
         levels.append((_modality_of(path), d["maps"], np.isfinite(d["maps"]).all(0),
                        float(d["pixel_size_um"]), d["extra"]))
     written, spectra_by_level = [], {}
-    for modality, maps, mask, px, extra in levels:
+    for (modality, maps, mask, px, extra), product in zip(levels, products):
         spectra_by_level[f"{modality} ({px:g} um)"] = roi_mean_spectrum(ref["spectra"], maps, mask)
         for mz in targets:
-            img = ion_image(ref["spectra"], ref["mz"], maps, mz, ppm)
+            if product is None:
+                img, flag = ion_image(ref["spectra"], ref["mz"], maps, mz, ppm), None
+            else:
+                img, flag = product_ion_image(product, mz, ppm)
             stem = Path(out_dir) / f"ion_{modality}_mz{mz:.4f}"
             title = f"{ref['section']}: m/z {mz:.4f} +- {ppm:g} ppm, {modality} grid"
-            flag = _target_flag(extra, mz)
             if flag is not None:
                 title += f"\nNOT PREDICTABLE (cross-validated r {flag:.2f}): coarse image interpolated"
             save_image_png(img, f"{stem}.png", pixel_size_um=px, title=title,
@@ -478,16 +521,6 @@ def _roi_spectra(roi: dict, levels: list, ref: dict, out_dir: str, targets) -> l
                   f"{stem}.png", title=f"{ref['section']}: roi {roi['name']} mean spectra",
                   targets=targets)
     return [f"{stem}.tsv", f"{stem}.png"]
-
-
-def _target_flag(extra: dict, mz: float) -> float | None:
-    """The cross-validated r of a fused product's target ``mz`` when it is flagged as not
-    predictable, else None (also for targets the product does not score)."""
-    mzs = np.asarray(extra.get("target_mz", []), dtype=np.float64)
-    hit = np.flatnonzero(np.isclose(mzs, mz, rtol=0, atol=1e-6))
-    if not hit.size or bool(np.asarray(extra["target_predictable"])[hit[0]]):
-        return None
-    return float(np.asarray(extra["target_cv_r"])[hit[0]])
 
 
 def _modality_of(fused_path: str) -> str:

@@ -72,6 +72,58 @@ def ion_image(spectra: np.ndarray, mz: np.ndarray, maps: np.ndarray, target_mz: 
     return np.tensordot(weights, maps.astype(np.float64), axes=1)
 
 
+def target_flag(extra: Mapping, target_mz: float) -> float | None:
+    """Cross-validated r of a fused product's target ``target_mz`` when the product flags it as
+    not predictable, else None (also for an m/z the product does not score).
+
+    ``extra`` is :func:`read_fused`'s ``extra`` (``target_mz``, ``target_predictable``,
+    ``target_cv_r``), written by :func:`msifusion.pipeline.fuse_step`.
+    """
+    hit = _target_index(extra, target_mz)
+    if hit is None or bool(np.asarray(extra["target_predictable"])[hit]):
+        return None
+    return float(np.asarray(extra["target_cv_r"])[hit])
+
+
+def _target_index(extra: Mapping, target_mz: float) -> int | None:
+    mzs = np.asarray(extra.get("target_mz", []), dtype=np.float64)
+    hit = np.flatnonzero(np.isclose(mzs, target_mz, rtol=0, atol=1e-6))
+    return int(hit[0]) if hit.size else None
+
+
+def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.ndarray, float | None]:
+    """Ion image of a fused product, as the product vouches for it.
+
+    For a configured target flagged as not predictable (see :func:`target_flag`) the fine
+    prediction is not trusted: the product's ``extra/target_image`` holds the reference ion image
+    interpolated (bicubic, through the registrations) onto this grid, and that is returned. Every
+    other m/z is reconstructed from the maps (:func:`ion_image`).
+
+    Parameters
+    ----------
+    fused : mapping
+        :func:`read_fused` output.
+    target_mz, ppm : float
+        Window ``target_mz +- ppm``.
+
+    Returns
+    -------
+    image : ndarray, shape (ny, nx), float64
+        NaN where not acquired.
+    flag_r : float or None
+        The target's cross-validated r when it is flagged as not predictable, else None.
+    """
+    extra = fused.get("extra", {})
+    flag = target_flag(extra, target_mz)
+    if flag is not None:
+        if "target_image" in extra and np.isclose(float(extra.get("target_ppm", np.nan)), ppm):
+            return np.asarray(extra["target_image"][_target_index(extra, target_mz)],
+                              dtype=np.float64), flag
+        log.warning("m/z %.4f is flagged as not predictable, but the product holds no interpolated "
+                    "image at +- %g ppm: showing the fine prediction from the maps", target_mz, ppm)
+    return ion_image(fused["spectra"], fused["mz"], fused["maps"], target_mz, ppm), flag
+
+
 def roi_mean_spectrum(spectra: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean reconstructed spectrum over the acquired pixels of a region.
 

@@ -310,3 +310,32 @@ def test_failed_registration_is_never_fused(tmp_path):
                   [str(tmp_path / "transform_fticr_maldi.json")], [str(out)],
                   str(tmp_path / "fusion.json"))
     assert not out.exists() and not (tmp_path / "fusion.json").exists()
+
+
+def test_target_images_interpolate_flagged_targets():
+    """Predictable targets are reconstructed from the predicted maps; a flagged one is the
+    reference image resampled (bicubic) through the composed transform, NaN where not acquired."""
+    from msifusion.evaluate import bicubic_to_grid
+    from msifusion.pipeline import _target_images
+
+    rng = np.random.default_rng(0)
+    pred = rng.random((3, 8, 10))
+    pred[:, 0, 0] = np.nan
+    weights = np.array([[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]])
+    ref_images = rng.random((2, 4, 5))
+    m = np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25]])      # fine px -> reference px (x2)
+    trusted = [(img, np.eye(2, 3)) for img in ref_images]
+    out = _target_images(weights, pred, np.array([True, False]), trusted, m)
+    assert out.shape == (2, 8, 10) and out.dtype == np.float32
+    assert np.isnan(out[:, 0, 0]).all()
+    np.testing.assert_allclose(out[0, 1:], np.tensordot(weights[0], pred, axes=1)[1:], rtol=1e-6)
+    expect = bicubic_to_grid(ref_images[1], m, (8, 10))
+    np.testing.assert_allclose(out[1, 1:], expect[1:], rtol=1e-6)
+    assert not np.allclose(out[1, 1:], np.tensordot(weights[1], pred, axes=1)[1:], rtol=1e-2)
+    # flagged at a finer level only: the last level where it was predictable is the source
+    # (here a level of 2 x 2 reference px per px, offset by 1 reference px in x)
+    m_mid = np.array([[2.0, 0.0, 1.0], [0.0, 2.0, 0.0]])              # mid px -> reference px
+    mid = rng.random((3, 4))
+    out = _target_images(weights, pred, np.array([False, True]), [(mid, m_mid), trusted[1]], m)
+    to_mid = np.array([[0.25, 0.0, -0.625], [0.0, 0.25, -0.125]])      # fine px -> mid px
+    np.testing.assert_allclose(out[0, 1:], bicubic_to_grid(mid, to_mid, (8, 10))[1:], rtol=1e-6)

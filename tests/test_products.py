@@ -10,7 +10,7 @@ from matplotlib.image import imread
 
 from msifusion.errors import InputError
 from msifusion.products import (ion_image, mz_window, plot_before_after, plot_components,
-                                region_mask, region_on_grid,
+                                product_ion_image, region_mask, region_on_grid, target_flag,
                                 plot_spectrum, read_fused, roi_mean_spectrum, save_image_png,
                                 save_tiff, write_fused)
 
@@ -78,6 +78,32 @@ def test_fused_product_round_trip(tmp_path):
         assert set(f) >= {"maps", "spectra", "mz"}
         assert {"origin_xy", "pixel_size_um", "reference"} <= set(f.attrs)
     assert [p for p in os.listdir(path.parent) if p.endswith(".part")] == []
+
+
+def test_product_ion_image_interpolated_for_flagged_targets(tmp_path, caplog):
+    """A target flagged as not predictable ships its interpolated image; any other m/z (and a
+    predictable target) is reconstructed from the maps."""
+    maps = small_maps()
+    shipped = np.full((2, 3, 4), 7.0, dtype=np.float32)
+    write_fused(tmp_path / "f.h5", maps, SPECTRA, MZ, origin_xy=(0, 0), pixel_size_um=20.0,
+                reference="FT-ICR",
+                extra={"target_mz": np.array([100.0, 200.0]), "target_ppm": 5.0,
+                       "target_predictable": np.array([True, False]),
+                       "target_cv_r": np.array([0.9, 0.1], np.float32), "target_image": shipped})
+    d = read_fused(tmp_path / "f.h5")
+    assert target_flag(d["extra"], 100.0) is None and target_flag(d["extra"], 300.0) is None
+    assert target_flag(d["extra"], 200.0) == pytest.approx(0.1)
+    from_maps = ion_image(SPECTRA, MZ, maps, 100.0, 5.0)
+    img, flag = product_ion_image(d, 100.0, 5.0)
+    assert flag is None
+    np.testing.assert_array_equal(img, from_maps)
+    img, flag = product_ion_image(d, 200.0, 5.0)
+    assert flag == pytest.approx(0.1)
+    np.testing.assert_array_equal(img, shipped[1])
+    # another window than the stored one: the maps, with a warning naming the m/z
+    img, flag = product_ion_image(d, 200.0, 50.0)
+    np.testing.assert_array_equal(img, ion_image(SPECTRA, MZ, maps, 200.0, 50.0))
+    assert "200.0000 is flagged as not predictable" in caplog.text
 
 
 def test_fused_write_is_atomic_and_checks_shapes(tmp_path):

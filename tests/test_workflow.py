@@ -302,10 +302,15 @@ def test_reference_only_species_flagged_not_predictable(three_modality_run):
     first finer level (MALDI, which sees every other target) nothing else is. At the ToF-SIMS
     level a target may also be flagged: its small field of view and low counts may not explain a
     target there (the chained score is the lowest step's)."""
-    from msifusion.products import read_fused
+    import tifffile
+
+    from msifusion.evaluate import bicubic_to_grid
+    from msifusion.pipeline import read_section_maps
+    from msifusion.products import ion_image, read_fused
 
     workdir, summary, cfg, _ = three_modality_run
     only = float(summary["reference_only_mz"])
+    ppm = float(cfg["targets"]["ppm"])
     for section in summary["sections"]:
         report = json.loads((workdir / "results" / section / "fusion.json").read_text())
         first = {round(t["mz"], 4): t["predictable"] for t in report["levels"][0]["targets"]}
@@ -320,6 +325,20 @@ def test_reference_only_species_flagged_not_predictable(three_modality_run):
             if previous is not None:   # a flag is inherited down the chain
                 assert not np.any(~previous & extra["target_predictable"])
             previous = np.asarray(extra["target_predictable"])
+            # the shipped image of the flagged species is the reference's, interpolated: no
+            # painted fine detail (the TIFF is what products wrote)
+            ref = read_section_maps(workdir / "results" / section / f"maps_{cfg['chain'][0]}.h5")
+            ref_img = ion_image(ref["spectra"], ref["mz"], ref["maps"], only, ppm)
+            expect = bicubic_to_grid(np.nan_to_num(ref_img), extra["matrix_to_reference"],
+                                     extra["target_image"].shape[1:])
+            tif = tifffile.imread(workdir / "results" / section / f"ion_{modality}_mz{only:.4f}.tif")
+            ok = np.isfinite(tif)
+            assert ok.sum() > 50
+            np.testing.assert_allclose(tif[ok], expect[ok], rtol=1e-4,
+                                       atol=1e-4 * np.nanmax(np.abs(expect)))
+            painted = ion_image(ref["spectra"], ref["mz"], read_fused(
+                workdir / "results" / section / f"fused_{modality}.h5")["maps"], only, ppm)
+            assert not np.allclose(tif[ok], painted[ok], rtol=1e-3)
     log = (workdir / "logs" / "fuse" / f"{summary['sections'][0]}.log").read_text()
     assert f"m/z {only:.4f} is NOT PREDICTABLE" in log
 
