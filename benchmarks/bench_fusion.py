@@ -1,7 +1,7 @@
 """Fusion accuracy benchmark: every fusion method against ground truth and against bicubic.
 
 (a) Phantom studies (``msifusion.phantom``; several seeds and geometries: presets ``small`` and
-    ``demo``, with the shipped configuration: NMF ranks 12 / 12 / 10). The workflow runs up to
+    ``demo``, with the shipped configuration: NMF ranks 12 / 16 / 20). The workflow runs up to
     the registration (conversion, NMF, grid removal, section maps, registration: the transforms
     are estimated, not given); then each method fuses the chain in this process and its ion images
     at every finer level are compared with the noise-free truth. Bicubic upsampling of the coarse
@@ -100,7 +100,7 @@ def run_study(preset: str, seed: int, workdir: Path) -> dict:
     chain = ("fticr", "maldi", "tofsims")
     tile = 20 if preset == "small" else 40
     summary = generate_study(workdir / "study", preset=preset, seed=seed, chain=chain, tile_px=tile)
-    # the shipped configuration (NMF ranks 12 / 12 / 10), with the phantom's pixel size and tile
+    # the shipped configuration (NMF ranks 12 / 16 / 20), with the phantom's pixel size and tile
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg.update(sections="study/sections.tsv")
     cfg["evaluation"]["truth"] = "study/truth"
