@@ -8,12 +8,20 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# snakemake --report report.html: QC figures, ion images, registration scores, accuracy
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/convert.smk"
 include: "rules/nmf.smk"
 include: "rules/section.smk"
 include: "rules/fuse.smk"
 include: "rules/evaluate.smk"
+
+
+onstart:
+    remove_stale_temp_files()
 
 
 rule all:

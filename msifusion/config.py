@@ -50,6 +50,79 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return "".join(parts) or "(top level)"
 
 
+def canonical_path(path: str | os.PathLike) -> str:
+    """One spelling of a path for result bookkeeping: relative to the working directory when it
+    lies inside it, else absolute (normalised, symbolic links kept).
+
+    Snakemake compares the recorded input paths and parameters of a job with the current ones;
+    ``config/sections.tsv``, ``./config/sections.tsv`` and ``$PWD/config/sections.tsv`` must give
+    the same paths, and a project folder moved as a whole must keep them.
+
+    >>> canonical_path(os.path.join(os.getcwd(), "data", ".", "run.imzML"))
+    'data/run.imzML'
+    """
+    absolute = os.path.abspath(os.fspath(path))
+    relative = os.path.relpath(absolute)
+    return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def _resolve_ref(schema: dict, root: dict) -> dict:
+    ref = schema.get("$ref") if isinstance(schema, dict) else None
+    if isinstance(ref, str) and ref.startswith("#/"):
+        node = root
+        for part in ref[2:].split("/"):
+            node = node[part]
+        return node
+    return schema
+
+
+def _map_leaves(value, schema, root: dict, leaf):
+    """``value`` with ``leaf(scalar, subschema)`` applied to every scalar the schema describes
+    (through ``properties``, ``additionalProperties``, ``items`` and local ``$ref``)."""
+    schema = _resolve_ref(schema, root)
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        out = {}
+        for key, item in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            out[key] = item if sub is None else _map_leaves(item, sub, root, leaf)
+        return out
+    if isinstance(value, list):
+        items = schema.get("items")
+        return [_map_leaves(v, items, root, leaf) for v in value] if isinstance(items, dict) else value
+    return leaf(value, schema)
+
+
+def _typed_scalar(value, schema):
+    """A string where the schema wants a number, boolean or null, read as YAML (``--config
+    key="{rank: 8}"`` gives strings: snakemake reads nested values with YAML's BaseLoader)."""
+    if not isinstance(value, str):
+        return value
+    check = jsonschema.Draft202012Validator(schema)
+    if check.is_valid(value):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return parsed if not isinstance(parsed, str) and check.is_valid(parsed) else value
+
+
+def _canonical_number(value, schema):
+    """An integral float of a number or integer key as an int (``5.0`` -> ``5``), so that
+    ``seed: 0`` and ``--config seed=0.0`` give the same rule parameters (snakemake compares their
+    ``repr``) and jobs do not rerun for a changed spelling."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if (isinstance(value, float) and value.is_integer()
+            and ("integer" in types or "number" in types)):
+        return int(value)
+    return value
+
+
 def _with_defaults(validator_class):
     """A validator class that fills ``default`` values of missing properties (as snakemake does)."""
     validate_properties = validator_class.VALIDATORS["properties"]
@@ -86,6 +159,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     """
     config = copy.deepcopy(dict(config))
     schema = load_schema()
+    config = _map_leaves(config, schema, schema, _typed_scalar)
     cls = _with_defaults(jsonschema.Draft202012Validator)
     validator = cls(schema)
     # Fill defaults of modality entries too (additionalProperties sub-schemas).
@@ -96,6 +170,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     if errors:
         err = jsonschema.exceptions.best_match(errors)
         raise InputError(f"{source}: key '{_key_path(err)}': {err.message}")
+    config = _map_leaves(config, schema, schema, _canonical_number)
     chain = config["chain"]
     missing = [m for m in chain if m not in config["modalities"]]
     if missing:
@@ -232,7 +307,7 @@ def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisitio
         path = Path(imzml)
         if not path.is_absolute():
             path = sheet.parent / path
-        path = Path(os.path.normpath(path))
+        path = Path(canonical_path(path))
         if path.suffix.lower() != ".imzml":
             raise InputError(f"{where}: {imzml!r} is not an .imzML file")
         if not path.exists():
@@ -293,6 +368,13 @@ def check_rois(acquisitions: list[Acquisition], sheet: str) -> None:
             raise InputError(f"{sheet}, row {a.row}: roi {x0}:{x1},{y0}:{y1} of section "
                              f"{a.section!r} lies outside the image of {a.imzml} "
                              f"({nx} x {ny} pixels, x by y)")
+
+
+def script_params(smk) -> dict:
+    """A Snakemake job's params for the step function: without ``tracked``, the by-name copy of
+    all of them that the rules add so that Snakemake notices any change (``named`` in
+    ``rules/common.smk``)."""
+    return {name: value for name, value in smk.params.items() if name != "tracked"}
 
 
 def load_study(config: dict, source: str = "config", check_images: bool = True) -> Study:

@@ -294,6 +294,52 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *, model:
             registration_summary(doc))
 
 
+#: Columns of :func:`registration_table_step`.
+REGISTRATION_COLUMNS = ("section", "coarse", "fine", "passed", "score", "margin", "ncc",
+                        "rotation_deg", "scale", "mirror", "translation_x_um", "translation_y_um")
+
+
+def registration_table_step(transforms: list[str], pairs: list[list[str]], out: str) -> None:
+    """The registration scores of every section and chain pair as one TSV table (atomically).
+
+    Parameters
+    ----------
+    transforms : list of str
+        Transform JSON files written by :func:`register_step`.
+    pairs : list of [section, coarse, fine]
+        One entry per transform file, in the same order.
+    out : str
+        Table path: one row per pair, columns :data:`REGISTRATION_COLUMNS` (``NA`` when absent);
+        a pair that did not pass is also logged as a warning.
+    """
+    if len(transforms) != len(pairs):
+        raise InputError(f"registration table: {len(transforms)} transform files for "
+                         f"{len(pairs)} pairs")
+    rows = []
+    for path, (section, coarse, fine) in zip(transforms, pairs):
+        doc = json.loads(Path(path).read_text())
+        tx, ty = (doc.get("translation_um") or [None, None])[:2]
+        values = dict(doc, section=section, coarse=coarse, fine=fine, translation_x_um=tx,
+                      translation_y_um=ty)
+        rows.append("\t".join(_cell(values.get(c)) for c in REGISTRATION_COLUMNS))
+        if not doc.get("passed"):
+            log.warning("section %s: %s -> %s did not pass (%s)", section, fine, coarse,
+                        registration_summary(doc))
+    with atomic_output(out) as tmp:
+        Path(tmp).write_text("\t".join(REGISTRATION_COLUMNS) + "\n" + "".join(r + "\n" for r in rows))
+
+
+def _cell(value) -> str:
+    """A table cell: ``NA`` for None, ``true``/``false``, floats to 4 decimals."""
+    if value is None:
+        return "NA"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
 def registration_summary(doc: dict) -> str:
     """One line on a registration JSON: pose, quality figures and the verdict."""
     def num(source, key):  # JSON stores NaN as null

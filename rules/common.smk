@@ -5,7 +5,7 @@ import sys
 # The library lives beside the workflow; make it importable here (jobs do the same in scripts/).
 sys.path.insert(0, workflow.basedir)
 
-from msifusion.config import load_study
+from msifusion.config import canonical_path, load_study
 from msifusion.errors import InputError
 
 try:
@@ -31,8 +31,27 @@ wildcard_constraints:
 
 
 def lib(module):
-    """A library module as a tracked input: editing it reruns the rules that use it."""
-    return os.path.join(workflow.basedir, "msifusion", f"{module}.py")
+    """A library module as a tracked input: editing it reruns the rules that use it. Relative to
+    the working directory when the workflow lies in it (snakemake records every job's input
+    paths: an absolute path would rerun everything once the project folder is moved)."""
+    return canonical_path(os.path.join(workflow.basedir, "msifusion", f"{module}.py"))
+
+
+def named(**params):
+    """Rule params plus ``tracked``: all of them by name, in one dict.
+
+    Snakemake reruns a job when its params change, but it records only the set of their values'
+    ``repr``, without names: a changed value is missed when the old value is still held by another
+    param and the new one already was (an NMF rank 8 -> 10 next to ``memory_gb: 8`` and
+    ``pixel_size_um: 10``; ``tissue.dilation_px`` 0 -> 4 next to ``min_size_px: 4``). The ``tracked``
+    dict changes with any of them. Scripts drop it (``msifusion.config.script_params``). Param
+    functions here take the wildcards only."""
+
+    def tracked(wildcards):
+        return {name: value(wildcards) if callable(value) else value
+                for name, value in params.items()}
+
+    return dict(params, tracked=tracked)
 
 
 def grid_stage(modality):
@@ -66,8 +85,14 @@ def pair_files(section, kind, ext):
 
 def section_rois(section):
     """The configured ROIs with the section's mask paths."""
-    return [dict(r, mask=r["mask"].replace("{section}", section)) if "mask" in r else dict(r)
-            for r in config["rois"]]
+    return [dict(r, mask=canonical_path(r["mask"].replace("{section}", section))) if "mask" in r
+            else dict(r) for r in config["rois"]]
+
+
+def truth_files():
+    """Ground-truth files of the sections (phantom studies), one spelling of the folder."""
+    truth = config["evaluation"]["truth"]
+    return [canonical_path(os.path.join(truth, f"{s}.h5")) for s in SECTIONS] if truth else []
 
 
 def product_files(section):
@@ -81,8 +106,46 @@ def product_files(section):
     return files
 
 
+def remove_stale_temp_files(folder="results"):
+    """Remove the temporary files of jobs that were killed mid-write.
+
+    Outputs are written to a hidden ``.{name}.XXXXXXXX.part`` file beside them and renamed when
+    complete (``msifusion.store.atomic_output``); a job killed by SIGKILL or a node failure leaves
+    that file behind. Called when a run starts, while snakemake holds the working directory's lock.
+    """
+    import re
+
+    stale = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.part$")
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if stale.match(name):
+                path = os.path.join(root, name)
+                os.remove(path)
+                sys.stderr.write(f"msifusion: removed {path} (temporary file of a killed job)\n")
+
+
+def caption(name):
+    """A report caption file (report/{name}.rst), relative to the rules/ folder."""
+    return f"../report/{name}.rst"
+
+
+def reported_product(path):
+    """A products file flagged for the report when it is a figure (ion images, ROI spectra)."""
+    name = os.path.basename(path)
+    if name.startswith("ion_") and name.endswith(".png"):
+        modality, mz = name[len("ion_"):-len(".png")].rsplit("_mz", 1)
+        return report(path, caption=caption("ion_image"), category="Ion images",
+                      subcategory="{section}", labels={"modality": modality, "m/z": mz})
+    if name.startswith("roi_") and name.endswith(".png"):
+        region = name[len("roi_"):-len(".png")]
+        region = "tissue (mean spectra)" if region == "mean_spectra" else region
+        return report(path, caption=caption("roi_spectra"), category="Spectra",
+                      subcategory="{section}", labels={"region": region})
+    return path
+
+
 def all_outputs():
-    out = []
+    out = ["results/registration.tsv"]
     for section in SECTIONS:
         out += [f"results/{section}/fused_{m}.h5" for m in CHAIN[1:]]
         out += pair_files(section, "qc", "png") + product_files(section)

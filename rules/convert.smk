@@ -11,11 +11,13 @@ rule convert:
     benchmark:
         "results/benchmarks/convert/{modality}/{file_id}.tsv"
     params:
-        pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
-        block_mb=config["convert"]["block_mb"],
-        xml_chunk_mb=config["convert"]["xml_chunk_mb"],
-        verify_checksum=config["convert"]["verify_checksum"],
-        full_xml_check=config["convert"]["full_xml_check"],
+        **named(
+            pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
+            block_mb=config["convert"]["block_mb"],
+            xml_chunk_mb=config["convert"]["xml_chunk_mb"],
+            verify_checksum=config["convert"]["verify_checksum"],
+            full_xml_check=config["convert"]["full_xml_check"],
+        ),
     threads: 2
     resources:
         # blocks + XML chunks, plus the spectrum index (64 bytes per spectrum, ~1 KB of XML each)
@@ -24,6 +26,7 @@ rule convert:
             + size_mb(input.imzml) / 16) * attempt,
         runtime=lambda wc, input, attempt: int(
             10 + (size_mb(input.ibd) + size_mb(input.imzml)) / 100) * attempt,
+    retries: 1  # a job killed for memory reruns asking for twice as much
     conda:
         "../envs/convert.yaml"
     script:

@@ -3,7 +3,7 @@ rule fuse:
     input:
         maps=lambda wc: [f"results/{wc.section}/maps_{m}.h5" for m in CHAIN],
         transforms=lambda wc: pair_files(wc.section, "transform", "json"),
-        code=lib("fuse"),
+        code=[lib("fuse"), lib("pipeline")],
     output:
         fused=[f"results/{{section}}/fused_{m}.h5" for m in CHAIN[1:]],
         report="results/{section}/fusion.json",
@@ -12,20 +12,23 @@ rule fuse:
     benchmark:
         "results/benchmarks/fuse/{section}.tsv"
     params:
-        method=config["fusion"]["method"],
-        n_components=config["fusion"]["n_components"],
-        scales_px=config["fusion"]["scales_px"],
-        alpha_se=config["fusion"]["alpha_se"],
-        consistency=config["fusion"]["consistency"],
-        min_coverage=config["fusion"]["min_coverage"],
-        targets=TARGETS,
-        ppm=config["targets"]["ppm"],
-        min_target_r=config["fusion"]["min_target_r"],
-        seed=config["seed"],
+        **named(
+            method=config["fusion"]["method"],
+            n_components=config["fusion"]["n_components"],
+            scales_px=config["fusion"]["scales_px"],
+            alpha_se=config["fusion"]["alpha_se"],
+            consistency=config["fusion"]["consistency"],
+            min_coverage=config["fusion"]["min_coverage"],
+            targets=TARGETS,
+            ppm=config["targets"]["ppm"],
+            min_target_r=config["fusion"]["min_target_r"],
+            seed=config["seed"],
+        ),
     threads: 2
     resources:
         mem_mb=lambda wc, input, attempt: int(2000 + 20 * size_mb(input.maps)) * attempt,
         runtime=lambda wc, input, attempt: 30 * attempt,
+    retries: 1  # a job killed for memory reruns asking for twice as much
     conda:
         "../envs/fuse.yaml"
     script:
@@ -38,15 +41,19 @@ rule products:
         reference=f"results/{{section}}/maps_{REF}.h5",
         fused=[f"results/{{section}}/fused_{m}.h5" for m in CHAIN[1:]],
         masks=lambda wc: [r["mask"] for r in section_rois(wc.section) if "mask" in r],
-        code=lib("products"),
+        code=[lib("products"), lib("pipeline")],
     output:
-        product_files("{section}"),
+        [reported_product(f) for f in product_files("{section}")],
     log:
         "logs/products/{section}.log",
+    benchmark:
+        "results/benchmarks/products/{section}.tsv"
     params:
-        targets=TARGETS,
-        ppm=config["targets"]["ppm"],
-        rois=lambda wc: section_rois(wc.section),
+        **named(
+            targets=TARGETS,
+            ppm=config["targets"]["ppm"],
+            rois=lambda wc: section_rois(wc.section),
+        ),
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(1000 + 4 * size_mb(input)) * attempt,
@@ -70,8 +77,10 @@ rule export_imzml:
     benchmark:
         "results/benchmarks/export_imzml/{section}_{modality}.tsv"
     params:
-        mode=config["export"]["mode"],
-        top_n=config["export"]["top_n"],
+        **named(
+            mode=config["export"]["mode"],
+            top_n=config["export"]["top_n"],
+        ),
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(1000 + 4 * size_mb(input.fused)) * attempt,

@@ -12,10 +12,14 @@ rule mz_axis:
         "results/nmf/{modality}.axis.h5",
     log:
         "logs/mz_axis/{modality}.log",
+    benchmark:
+        "results/benchmarks/mz_axis/{modality}.tsv"
     params:
-        ppm=lambda wc: MODS[wc.modality]["binning"]["ppm"],
-        min_pixels=lambda wc: MODS[wc.modality]["binning"]["min_pixels"],
-        block_pixels=config["nmf"]["block_pixels"],
+        **named(
+            ppm=lambda wc: MODS[wc.modality]["binning"]["ppm"],
+            min_pixels=lambda wc: MODS[wc.modality]["binning"]["min_pixels"],
+            block_pixels=config["nmf"]["block_pixels"],
+        ),
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: 2000 * attempt,
@@ -34,24 +38,28 @@ rule nmf:
         code=[lib("nmf"), lib("spectra")],
     output:
         nmf="results/nmf/{modality}.h5",
-        figure="results/nmf/{modality}_components.png",
+        figure=report("results/nmf/{modality}_components.png", caption=caption("nmf"),
+                      category="NMF", subcategory="Components",
+                      labels={"modality": "{modality}", "grid": "as measured"}),
     log:
         "logs/nmf/{modality}.log",
     benchmark:
         "results/benchmarks/nmf/{modality}.tsv"
     params:
-        file_ids=lambda wc: list(STUDY.files(wc.modality)),
-        rank=lambda wc: MODS[wc.modality]["nmf"]["rank"],
-        normalize=lambda wc: MODS[wc.modality]["nmf"]["normalize"],
-        transform=lambda wc: MODS[wc.modality]["nmf"]["transform"],
-        backend=config["nmf"]["backend"],
-        max_iter=config["nmf"]["max_iter"],
-        tol=config["nmf"]["tol"],
-        seed=config["seed"],
-        pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
-        device=config["nmf"]["device"],
-        memory_gb=config["nmf"]["memory_gb"],
-        block_pixels=config["nmf"]["block_pixels"],
+        **named(
+            file_ids=lambda wc: list(STUDY.files(wc.modality)),
+            rank=lambda wc: MODS[wc.modality]["nmf"]["rank"],
+            normalize=lambda wc: MODS[wc.modality]["nmf"]["normalize"],
+            transform=lambda wc: MODS[wc.modality]["nmf"]["transform"],
+            backend=config["nmf"]["backend"],
+            max_iter=config["nmf"]["max_iter"],
+            tol=config["nmf"]["tol"],
+            seed=config["seed"],
+            pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
+            device=config["nmf"]["device"],
+            memory_gb=config["nmf"]["memory_gb"],
+            block_pixels=config["nmf"]["block_pixels"],
+        ),
     threads: 2
     resources:
         # the NMF keeps to nmf.memory_gb (out of core beyond it); binning and HDF5 on top
@@ -59,7 +67,7 @@ rule nmf:
             1500 + min(1024 * config["nmf"]["memory_gb"], 4 * size_mb(input.converted))
         ) * attempt,
         runtime=lambda wc, input, attempt: int(20 + size_mb(input.converted) / 10) * attempt,
-    retries: 1
+    retries: 1  # a job killed for memory reruns asking for twice as much
     conda:
         "../envs/nmf.yaml"
     script:
@@ -73,14 +81,22 @@ rule degrid:
         code=lib("degrid"),
     output:
         nmf="results/nmf/{modality}.degrid.h5",
-        figure="results/nmf/{modality}_components.degrid.png",
-        qc="results/nmf/{modality}.degrid_qc.png",
+        figure=report("results/nmf/{modality}_components.degrid.png", caption=caption("nmf"),
+                      category="NMF", subcategory="Components",
+                      labels={"modality": "{modality}", "grid": "removed"}),
+        qc=report("results/nmf/{modality}.degrid_qc.png", caption=caption("grid_qc"),
+                  category="Grid removal", subcategory="Component maps (after NMF)",
+                  labels={"modality": "{modality}"}),
         report="results/nmf/{modality}.degrid.json",
     log:
         "logs/degrid/{modality}.log",
+    benchmark:
+        "results/benchmarks/degrid/{modality}.tsv"
     params:
-        tile_px=lambda wc: MODS[wc.modality]["grid"]["tile_px"],
-        method=lambda wc: MODS[wc.modality]["grid"]["method"],
+        **named(
+            tile_px=lambda wc: MODS[wc.modality]["grid"]["tile_px"],
+            method=lambda wc: MODS[wc.modality]["grid"]["method"],
+        ),
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(1000 + 3 * size_mb(input.nmf)) * attempt,
@@ -98,20 +114,26 @@ rule degrid_converted:
         code=[lib("degrid"), lib("store")],
     output:
         converted="results/converted/{modality}/degrid/{file_id}.h5",
-        qc="results/converted/{modality}/degrid/{file_id}_qc.png",
+        qc=report("results/converted/{modality}/degrid/{file_id}_qc.png",
+                  caption=caption("grid_qc"), category="Grid removal",
+                  subcategory="Spectra (before NMF)",
+                  labels={"modality": "{modality}", "file": "{file_id}"}),
         report="results/converted/{modality}/degrid/{file_id}.json",
     log:
         "logs/degrid_converted/{modality}/{file_id}.log",
     benchmark:
         "results/benchmarks/degrid_converted/{modality}/{file_id}.tsv"
     params:
-        tile_px=lambda wc: MODS[wc.modality]["grid"]["tile_px"],
-        method=lambda wc: MODS[wc.modality]["grid"]["method"],
-        mz_blocks=lambda wc: MODS[wc.modality]["grid"]["mz_blocks"],
+        **named(
+            tile_px=lambda wc: MODS[wc.modality]["grid"]["tile_px"],
+            method=lambda wc: MODS[wc.modality]["grid"]["method"],
+            mz_blocks=lambda wc: MODS[wc.modality]["grid"]["mz_blocks"],
+        ),
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(1000 + 2 * size_mb(input.converted)) * attempt,
         runtime=lambda wc, input, attempt: int(10 + size_mb(input.converted) / 50) * attempt,
+    retries: 1  # a job killed for memory reruns asking for twice as much
     conda:
         "../envs/nmf.yaml"
     script:

@@ -7,16 +7,20 @@ rule crop:
         "results/{section}/maps_{modality}.h5",
     log:
         "logs/crop/{section}/{modality}.log",
+    benchmark:
+        "results/benchmarks/crop/{section}/{modality}.tsv"
     params:
-        file_id=lambda wc: STUDY.acquisition(wc.section, wc.modality).file_id,
-        imzml=lambda wc: STUDY.acquisition(wc.section, wc.modality).imzml,
-        roi=lambda wc: STUDY.acquisition(wc.section, wc.modality).roi_param,
-        auto_index=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_index,
-        auto_count=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_count,
-        pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
-        dilation_px=config["tissue"]["dilation_px"],
-        min_size_px=config["tissue"]["min_size_px"],
-        seed=config["seed"],
+        **named(
+            file_id=lambda wc: STUDY.acquisition(wc.section, wc.modality).file_id,
+            imzml=lambda wc: STUDY.acquisition(wc.section, wc.modality).imzml,
+            roi=lambda wc: STUDY.acquisition(wc.section, wc.modality).roi_param,
+            auto_index=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_index,
+            auto_count=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_count,
+            pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
+            dilation_px=config["tissue"]["dilation_px"],
+            min_size_px=config["tissue"]["min_size_px"],
+            seed=config["seed"],
+        ),
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(1000 + 2 * size_mb(input.nmf)) * attempt,
@@ -32,29 +36,58 @@ rule register:
     input:
         coarse="results/{section}/maps_{coarse}.h5",
         fine="results/{section}/maps_{fine}.h5",
-        code=lib("register"),
+        code=[lib("register"), lib("pipeline")],
     output:
         transform="results/{section}/transform_{coarse}_{fine}.json",
-        qc="results/{section}/qc_{coarse}_{fine}.png",
+        qc=report("results/{section}/qc_{coarse}_{fine}.png", caption=caption("registration_qc"),
+                  category="Registration", subcategory="{section}",
+                  labels={"section": "{section}", "pair": "{coarse} -> {fine}"}),
     log:
         "logs/register/{section}/{coarse}_{fine}.log",
     benchmark:
         "results/benchmarks/register/{section}/{coarse}_{fine}.tsv"
     params:
-        model=config["registration"]["model"],
-        n_starts=config["registration"]["n_starts"],
-        mirror=config["registration"]["mirror"],
-        iterations=config["registration"]["iterations"],
-        min_score=config["registration"]["min_score"],
-        min_margin=config["registration"]["min_margin"],
-        seed=config["seed"],
+        **named(
+            model=config["registration"]["model"],
+            n_starts=config["registration"]["n_starts"],
+            mirror=config["registration"]["mirror"],
+            iterations=config["registration"]["iterations"],
+            min_score=config["registration"]["min_score"],
+            min_margin=config["registration"]["min_margin"],
+            seed=config["seed"],
+        ),
     # one thread: the images are small, and torch's OpenMP threads slow down 5x when the
     # cores are shared with other jobs
     threads: 1
     resources:
         mem_mb=lambda wc, input, attempt: int(2000 + 4 * size_mb(input)) * attempt,
         runtime=lambda wc, input, attempt: 20 * attempt,
+    retries: 1  # a job killed for memory reruns asking for twice as much
     conda:
         "../envs/register.yaml"
     script:
         "../scripts/register.py"
+
+
+rule registration_summary:
+    """One table of the registration scores of every section and chain pair (for the report)."""
+    input:
+        transforms=[f"results/{s}/transform_{c}_{f}.json" for s in SECTIONS for c, f in STUDY.pairs()],
+        code=lib("pipeline"),
+    output:
+        table=report("results/registration.tsv", caption=caption("registration_table"),
+                     category="Registration", subcategory="Scores"),
+    log:
+        "logs/registration_summary.log",
+    params:
+        **named(
+            pairs=[[s, c, f] for s in SECTIONS for c, f in STUDY.pairs()],
+        ),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/register.yaml"
+    script:
+        "../scripts/registration_summary.py"

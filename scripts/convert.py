@@ -4,7 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
+from msifusion.config import script_params
 from msifusion.pipeline import convert_step, run_job
 
 run_job(snakemake, convert_step, imzml=snakemake.input.imzml, out=snakemake.output[0],
-        threads=snakemake.threads, **snakemake.params)
+        threads=snakemake.threads, **script_params(snakemake))

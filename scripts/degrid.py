@@ -4,8 +4,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
+from msifusion.config import script_params
 from msifusion.pipeline import degrid_step, run_job
 
 run_job(snakemake, degrid_step, nmf_in=snakemake.input.nmf, out=snakemake.output.nmf,
         figure=snakemake.output.figure, qc=snakemake.output.qc, report=snakemake.output.report,
-        **snakemake.params)
+        **script_params(snakemake))

@@ -5,9 +5,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
 from msifusion.evaluate import evaluate_study
+from msifusion.config import script_params
 from msifusion.pipeline import run_job
 
 run_job(snakemake, evaluate_study, truth=list(snakemake.input.truth),
         fused=list(snakemake.input.fused), reference=list(snakemake.input.reference),
         section_maps=list(snakemake.input.section_maps),
-        out=snakemake.output.table, **snakemake.params)
+        out=snakemake.output.table, **script_params(snakemake))

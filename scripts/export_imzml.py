@@ -4,7 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
+from msifusion.config import script_params
 from msifusion.pipeline import export_step, run_job
 
 run_job(snakemake, export_step, source=snakemake.input.fused, out=snakemake.output.imzml,
-        **snakemake.params)
+        **script_params(snakemake))

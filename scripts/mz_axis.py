@@ -4,8 +4,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
+from msifusion.config import script_params
 from msifusion.pipeline import axis_step, run_job
 
 run_job(snakemake, axis_step, converted=list(snakemake.input.converted), out=snakemake.output[0],
         reference_axis=(snakemake.input.reference[0] if snakemake.input.reference else None),
-        **snakemake.params)
+        **script_params(snakemake))

@@ -4,7 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
+from msifusion.config import script_params
 from msifusion.pipeline import register_step, run_job
 
 run_job(snakemake, register_step, coarse=snakemake.input.coarse, fine=snakemake.input.fine,
-        out_json=snakemake.output.transform, out_png=snakemake.output.qc, **snakemake.params)
+        out_json=snakemake.output.transform, out_png=snakemake.output.qc, **script_params(snakemake))

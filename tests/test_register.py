@@ -465,3 +465,31 @@ def test_real_tofsims_split_mass_ranges():
     reg = register_pair(coarse, tissue_mask(coarse), 4.0, fine, tissue_mask(fine), 1.0)
     rot_err, rms, _ = errors(dict(matrix=truth, fine_mask=np.ones_like(fine, dtype=bool)), reg)
     assert reg.passed and rot_err <= 0.5 and rms <= 0.25, (rot_err, rms, reg.score, reg.boundary, reg.ncc, reg.margin)
+
+
+def test_registration_table_rows_and_failed_pairs(tmp_path, caplog):
+    """One row per pair in sheet order, NA for absent figures, failures logged by section."""
+    from msifusion.errors import InputError
+    from msifusion.pipeline import REGISTRATION_COLUMNS, registration_table_step
+
+    good = {"passed": True, "score": 0.91, "margin": 0.2, "ncc": 0.8, "rotation_deg": 12.5,
+            "scale": 0.25, "mirror": False, "translation_um": [10.0, -4.0]}
+    bad = {"passed": False, "score": 0.4}
+    paths = []
+    for name, doc in (("a.json", good), ("b.json", bad)):
+        (tmp_path / name).write_text(json.dumps(doc))
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "registration.tsv"
+    registration_table_step(paths, [["s01", "fticr", "maldi"], ["s02", "fticr", "maldi"]], str(out))
+    lines = out.read_text().splitlines()
+    assert lines[0].split("\t") == list(REGISTRATION_COLUMNS)
+    row = dict(zip(REGISTRATION_COLUMNS, lines[1].split("\t")))
+    assert row == {"section": "s01", "coarse": "fticr", "fine": "maldi", "passed": "true",
+                   "score": "0.9100", "margin": "0.2000", "ncc": "0.8000",
+                   "rotation_deg": "12.5000", "scale": "0.2500", "mirror": "false",
+                   "translation_x_um": "10.0000", "translation_y_um": "-4.0000"}
+    row = dict(zip(REGISTRATION_COLUMNS, lines[2].split("\t")))
+    assert row["passed"] == "false" and row["margin"] == "NA" and row["translation_x_um"] == "NA"
+    assert "section s02: maldi -> fticr did not pass" in caplog.text
+    with pytest.raises(InputError, match="2 transform files for 1 pairs"):
+        registration_table_step(paths, [["s01", "fticr", "maldi"]], str(out))
