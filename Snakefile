@@ -21,7 +21,9 @@ include: "rules/evaluate.smk"
 
 
 onstart:
-    remove_stale_temp_files()
+    # temporary files of jobs killed mid-write (msifusion.store.atomic_output)
+    for path in remove_stale_parts("results"):
+        sys.stderr.write(f"msifusion: removed {path} (temporary file of a killed job)\n")
 
 
 rule all:

@@ -90,16 +90,17 @@ def cmd_fuse(a):
 def cmd_ion_image(a):
     import numpy as np
 
-    from .products import product_ion_image, read_fused, save_image_png, save_tiff
+    from .products import (not_predictable_note, product_ion_image, read_fused, save_image_png,
+                           save_tiff)
 
     d = read_fused(a.product)
     img, flag = product_ion_image(d, a.mz, a.ppm)
     px = float(d.get("pixel_size_um", np.nan))
     title = f"m/z {a.mz:.4f} +- {a.ppm:g} ppm"
     if flag is not None:
-        title += f"\nNOT PREDICTABLE (cross-validated r {flag:.2f}): coarse image interpolated"
-        print(f"m/z {a.mz}: NOT PREDICTABLE from the finer modalities (cross-validated r "
-              f"{flag:.2f}); the image is the reference's, interpolated")
+        title += "\n" + not_predictable_note(flag)
+        print(f"m/z {a.mz}: {not_predictable_note(flag)} from the last level where it was "
+              "predictable")
     if a.png:
         save_image_png(img, a.png, pixel_size_um=px, title=title, label="intensity (a.u.)")
     if a.tiff:

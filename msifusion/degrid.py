@@ -411,8 +411,7 @@ def _fit_gain(image: np.ndarray, valid: np.ndarray, tile: tuple[int, int], smoot
         G = _tile_repeat(g[None], (ny, nx))[0]
         with np.errstate(all="ignore"):
             clean = gaussian_filter(obs / G, sigma, mode="nearest") / weight
-        clean = np.where(valid & np.isfinite(clean), clean, 0.0)
-        clean = np.where(pool, clean, 0.0)
+        clean = np.where(pool & np.isfinite(clean), clean, 0.0)   # pool lies within valid
         num = _tile_sums(obs * clean, tile)
         den = _tile_sums(clean * clean, tile)
         with np.errstate(all="ignore"):

@@ -467,8 +467,8 @@ def _target_images(weights: np.ndarray, pred: np.ndarray, predictable: np.ndarra
     to_reference : ndarray, shape (2, 3)
         This grid's pixel -> reference pixel.
     """
+    from .affine import compose, invert
     from .evaluate import bicubic_to_grid
-    from .register import compose, invert
 
     acquired = np.isfinite(pred).all(0)
     images = np.tensordot(weights, np.nan_to_num(pred.astype(np.float64)), axes=1)
@@ -493,13 +493,15 @@ def products_step(reference_maps: str, fused: list[str], out_dir: str, *, target
     schema) whose mean spectra at every level go to ``roi_{name}.tsv`` and ``.png``.
     Returns the list of files written.
     """
-    from .products import (ion_image, plot_spectrum, product_ion_image, read_fused,
+    from .products import (not_predictable_note, plot_spectrum, product_ion_image, read_fused,
                            roi_mean_spectrum, save_image_png, save_tiff)
 
     ref = read_section_maps(reference_maps)
+    # every level as a product (the reference: its own maps, flagging nothing)
+    products = [dict(maps=ref["maps"], spectra=ref["spectra"], mz=ref["mz"],
+                     extra={"matrix_to_reference": np.eye(2, 3)})]
     levels = [(ref["modality"], ref["maps"], ref["mask"], float(ref["pixel_size_um"]),
-               {"matrix_to_reference": np.eye(2, 3)})]
-    products = [None]
+               products[0]["extra"])]
     for path in fused:
         d = read_fused(path)
         products.append(d)
@@ -509,14 +511,11 @@ def products_step(reference_maps: str, fused: list[str], out_dir: str, *, target
     for (modality, maps, mask, px, extra), product in zip(levels, products):
         spectra_by_level[f"{modality} ({px:g} um)"] = roi_mean_spectrum(ref["spectra"], maps, mask)
         for mz in targets:
-            if product is None:
-                img, flag = ion_image(ref["spectra"], ref["mz"], maps, mz, ppm), None
-            else:
-                img, flag = product_ion_image(product, mz, ppm)
+            img, flag = product_ion_image(product, mz, ppm)
             stem = Path(out_dir) / f"ion_{modality}_mz{mz:.4f}"
             title = f"{ref['section']}: m/z {mz:.4f} +- {ppm:g} ppm, {modality} grid"
             if flag is not None:
-                title += f"\nNOT PREDICTABLE (cross-validated r {flag:.2f}): coarse image interpolated"
+                title += "\n" + not_predictable_note(flag)
             save_image_png(img, f"{stem}.png", pixel_size_um=px, title=title,
                            label="intensity (a.u.)")
             save_tiff(img, f"{stem}.tif", pixel_size_um=px)

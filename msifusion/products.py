@@ -17,6 +17,7 @@ from typing import Mapping
 import h5py
 import numpy as np
 
+from .affine import compose, invert, transform_points
 from .errors import InputError
 from .spectra import mz_window
 from .store import atomic_output, plain_attr
@@ -91,11 +92,17 @@ def _target_index(extra: Mapping, target_mz: float) -> int | None:
     return int(hit[0]) if hit.size else None
 
 
+def not_predictable_note(flag_r: float) -> str:
+    """The line figures and the CLI add to an image of a target flagged as not predictable."""
+    return f"NOT PREDICTABLE (cross-validated r {flag_r:.2f}): coarse image interpolated"
+
+
 def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.ndarray, float | None]:
     """Ion image of a fused product, as the product vouches for it.
 
     For a configured target flagged as not predictable (see :func:`target_flag`) the fine
-    prediction is not trusted: the product's ``extra/target_image`` holds the reference ion image
+    prediction is not trusted: the product's ``extra/target_image`` holds the target's image at
+    the last coarser level where it was predictable (the reference's own when none was),
     interpolated (bicubic, through the registrations) onto this grid, and that is returned. Every
     other m/z is reconstructed from the maps (:func:`ion_image`).
 
@@ -175,11 +182,9 @@ def region_on_grid(shape: tuple[int, int], to_reference: np.ndarray, region: np.
     """
     region = np.asarray(region, dtype=bool)
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
-    pts = np.stack([xx.ravel(), yy.ravel(), np.ones(xx.size)])
-    m = np.vstack([np.asarray(to_reference, np.float64), [0.0, 0.0, 1.0]])
-    r = np.vstack([np.asarray(region_to_reference, np.float64), [0.0, 0.0, 1.0]])
-    q = (np.linalg.inv(r) @ m @ pts)[:2]
-    ix, iy = np.rint(q[0]).astype(np.int64), np.rint(q[1]).astype(np.int64)
+    q = transform_points(compose(to_reference, invert(region_to_reference)),
+                         np.column_stack([xx.ravel(), yy.ravel()]))
+    ix, iy = np.rint(q[:, 0]).astype(np.int64), np.rint(q[:, 1]).astype(np.int64)
     inside = (ix >= 0) & (iy >= 0) & (ix < region.shape[1]) & (iy < region.shape[0])
     out = np.zeros(xx.size, dtype=bool)
     out[inside] = region[iy[inside], ix[inside]]

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
+from .affine import _wrap_deg, chain_to_reference, compose, invert, pose, transform_points
 from .errors import InputError
 
 log = logging.getLogger("msifusion.register")
@@ -238,101 +239,10 @@ def _jsonable(v):
     return v
 
 
-def _as_3x3(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    if m.shape != (2, 3):
-        raise ValueError(f"expected a 2 x 3 affine matrix, got shape {m.shape}")
-    return np.vstack([m, [0.0, 0.0, 1.0]])
-
-
-def compose(m_ab: np.ndarray, m_bc: np.ndarray) -> np.ndarray:
-    """Chain two 2 x 3 affine maps: ``a -> b`` then ``b -> c`` gives ``a -> c``.
-
-    Parameters
-    ----------
-    m_ab : ndarray, shape (2, 3)
-        Maps frame ``a`` pixel coordinates to frame ``b``.
-    m_bc : ndarray, shape (2, 3)
-        Maps frame ``b`` pixel coordinates to frame ``c``.
-
-    Returns
-    -------
-    ndarray, shape (2, 3)
-        ``m_bc @ m_ab`` in homogeneous form: maps frame ``a`` to frame ``c``.
-    """
-    return (_as_3x3(m_bc) @ _as_3x3(m_ab))[:2]
-
-
-def chain_to_reference(matrices) -> list[np.ndarray]:
-    """Compose the matrices of a registration chain into maps to the chain's first frame.
-
-    Parameters
-    ----------
-    matrices : sequence of ndarray, shape (2, 3)
-        ``matrices[i]`` maps level ``i + 1`` pixel coordinates to level ``i``.
-
-    Returns
-    -------
-    list of ndarray, shape (2, 3)
-        Element ``i`` maps level ``i + 1`` pixel coordinates to level 0 (the reference).
-    """
-    out, acc = [], np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    for m in matrices:
-        acc = compose(m, acc)
-        out.append(acc)
-    return out
-
-
-def pose(m: np.ndarray, from_px_um: float, to_px_um: float) -> dict:
-    """A pixel matrix described in physical units.
-
-    Parameters
-    ----------
-    m : ndarray, shape (2, 3)
-        Maps ``from`` pixel coordinates ``(x, y, 1)`` to ``to`` pixel coordinates.
-    from_px_um, to_px_um : float
-        Pixel sizes of the two frames, micrometres.
-
-    Returns
-    -------
-    dict
-        ``matrix_px`` (2 x 3), ``matrix_um`` (2 x 3, micrometres to micrometres),
-        ``rotation_deg`` (of the linear part, mirror removed), ``mirror``, ``scale`` (to px per
-        from px), ``translation_um`` (where ``from`` pixel (0, 0) lies in ``to``, micrometres).
-    """
-    m = np.asarray(m, dtype=np.float64)
-    f, c = float(from_px_um), float(to_px_um)
-    m_um = np.concatenate([m[:, :2] * (c / f), m[:, 2:] * c], axis=1)
-    a = m[:, :2]
-    mirror = bool(np.linalg.det(a) < 0)
-    r = a @ np.diag([-1.0, 1.0]) if mirror else a
-    return {"matrix_px": m.tolist(), "matrix_um": m_um.tolist(),
-            "rotation_deg": _wrap_deg(math.degrees(math.atan2(r[1, 0] - r[0, 1], r[0, 0] + r[1, 1]))),
-            "mirror": mirror, "scale": math.sqrt(abs(float(np.linalg.det(a)))),
-            "translation_um": [float(m[0, 2] * c), float(m[1, 2] * c)]}
-
-
-def invert(m: np.ndarray) -> np.ndarray:
-    """Inverse of a 2 x 3 affine map (shape (2, 3))."""
-    return np.linalg.inv(_as_3x3(m))[:2]
-
-
-def transform_points(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Apply a 2 x 3 affine map to points ``xy`` of shape (n, 2) (x, y); returns (n, 2)."""
-    m = np.asarray(m, dtype=np.float64)
-    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    return xy @ m[:, :2].T + m[:, 2]
-
-
 def _rotation_matrix(theta: float, mirror: bool) -> np.ndarray:
     c, s = math.cos(theta), math.sin(theta)
     r = np.array([[c, -s], [s, c]])
     return r @ np.diag([-1.0, 1.0]) if mirror else r
-
-
-def _wrap_deg(a: float) -> float:
-    a = (a + 180.0) % 360.0 - 180.0
-    return 180.0 if a == -180.0 else a
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,33 +541,33 @@ class _Level:
         w = (smp[:, -1] > 0.99).float() * self.fine_ch_ok[None]
         return _pillai(smp[:, :-1].transpose(1, 2), self.fine_ch, w)
 
+    def _nccs(self, q: torch.Tensor) -> torch.Tensor:
+        """NCC (B, n_used) of each feature in use, fine points mapped to ``q`` (B, N, 2)."""
+        smp = self.sample(q)
+        w = (1.0 - smp[:, -1]).clamp(0.0, 1.0)
+        return torch.stack([_weighted_ncc(smp[:, i], self.fine_vals[i][None], w, self.eps[i], self.eps[i])
+                            for i in range(len(self.used))], dim=-1)
+
+    def feature_similarity(self, q: torch.Tensor) -> torch.Tensor:
+        """The weighted NCC of the features alone (B,)."""
+        return (self._nccs(q) * self.w_used).sum(-1)
+
     def similarity(self, q: torch.Tensor, components: bool = False) -> torch.Tensor:
         """Similarity (B,) of the fine points mapped to ``q`` (B, N, 2): the weighted NCC of the
         features, mixed with the multichannel similarity when component maps were given.
 
         With ``components=True``: a dict feature name -> NCC (B,) of the features in use (and
         ``channels`` -> multichannel similarity)."""
-        smp = self.sample(q)
-        w = (1.0 - smp[:, -1]).clamp(0.0, 1.0)
-        nccs = torch.stack([_weighted_ncc(smp[:, i], self.fine_vals[i][None], w, self.eps[i], self.eps[i])
-                            for i in range(len(self.used))], dim=-1)
         if components:
+            nccs = self._nccs(q)
             out = {FEATURES[k]: nccs[:, i] for i, k in enumerate(self.used)}
             if self.w_channels > 0:
                 out["channels"] = self.channel_similarity(q)
             return out
-        sim = (nccs * self.w_used).sum(-1)
+        sim = self.feature_similarity(q)
         if self.w_channels > 0:
             sim = (1.0 - self.w_channels) * sim + self.w_channels * self.channel_similarity(q)
         return sim
-
-    def feature_similarity(self, q: torch.Tensor) -> torch.Tensor:
-        """The weighted NCC of the features alone (B,)."""
-        w_ch, self.w_channels = self.w_channels, 0.0
-        try:
-            return self.similarity(q)
-        finally:
-            self.w_channels = w_ch
 
 
 def _feature_floors(sigma_c: float) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +23,9 @@ FORMAT = "msifusion-converted"
 FORMAT_VERSION = 2
 #: Number of values per HDF5 chunk of the m/z and intensity arrays.
 CHUNK_VALUES = 1 << 18
+#: Suffix of the temporary files of :func:`atomic_output` (``.{name}.XXXXXXXX.part``).
+PART_SUFFIX = ".part"
+_PART_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(PART_SUFFIX) + "$")
 
 
 @contextlib.contextmanager
@@ -40,7 +44,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PART_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
@@ -54,6 +58,23 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def remove_stale_parts(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_output` left behind in ``folder`` (recursive).
+
+    A writer killed by SIGKILL or a node failure never reaches its clean-up; call this only while
+    no writer runs (Snakemake's ``onstart``, under its working-directory lock). Returns the files
+    removed.
+    """
+    removed = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if _PART_NAME.match(name):
+                path = Path(root) / name
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def write_converted(

@@ -6,6 +6,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from msifusion.config import canonical_path, load_study
+from msifusion.store import remove_stale_parts
 from msifusion.errors import InputError
 
 try:
@@ -104,24 +105,6 @@ def product_files(section):
             stem = f"results/{section}/ion_{modality}_mz{mz:.4f}"
             files += [f"{stem}.png", f"{stem}.tif"]
     return files
-
-
-def remove_stale_temp_files(folder="results"):
-    """Remove the temporary files of jobs that were killed mid-write.
-
-    Outputs are written to a hidden ``.{name}.XXXXXXXX.part`` file beside them and renamed when
-    complete (``msifusion.store.atomic_output``); a job killed by SIGKILL or a node failure leaves
-    that file behind. Called when a run starts, while snakemake holds the working directory's lock.
-    """
-    import re
-
-    stale = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.part$")
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            if stale.match(name):
-                path = os.path.join(root, name)
-                os.remove(path)
-                sys.stderr.write(f"msifusion: removed {path} (temporary file of a killed job)\n")
 
 
 def caption(name):

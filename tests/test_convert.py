@@ -590,3 +590,25 @@ def test_export_refuses_other_files(tmp_path):
     with pytest.raises(InputError, match=r"nope\.h5: file not found"):
         export_imzml(tmp_path / "nope.h5", tmp_path / "x.imzML")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.h5"]
+
+
+def test_remove_stale_parts_only_removes_atomic_temporaries(tmp_path):
+    """A writer killed inside atomic_output leaves its .part file; remove_stale_parts finds it
+    (also in sub-folders) and leaves every other file alone."""
+    from msifusion.store import atomic_output, remove_stale_parts
+
+    out = tmp_path / "s01" / "fused.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(out) as tmp:
+            tmp.write_bytes(b"half")
+            left = tmp
+            raise KeyboardInterrupt      # the clean-up of a normal exception still runs...
+    assert not left.exists()
+    out.parent.mkdir(exist_ok=True)
+    (out.parent / ".fused.h5.ab_cd123.part").write_bytes(b"half")   # ...SIGKILL leaves this
+    keep = [out.parent / "fused.h5.part", out.parent / ".hidden.h5", tmp_path / "a.tsv"]
+    for path in keep:
+        path.write_bytes(b"x")
+    assert remove_stale_parts(tmp_path) == [out.parent / ".fused.h5.ab_cd123.part"]
+    assert all(p.exists() for p in keep)
+    assert remove_stale_parts(tmp_path) == []
