@@ -24,6 +24,8 @@ onstart:
     # temporary files of jobs killed mid-write (msifusion.store.atomic_output)
     for path in remove_stale_parts("results"):
         sys.stderr.write(f"msifusion: removed {path} (temporary file of a killed job)\n")
+    # a new run tries again the jobs that stopped on an input error (msifusion.job.run_job)
+    remove_error_markers("logs")
 
 
 rule all:

@@ -1,8 +1,8 @@
 """Fusion accuracy benchmark: every fusion method against ground truth and against bicubic.
 
 (a) Phantom studies (``msifusion.phantom``; several seeds and geometries: presets ``small`` and
-    ``demo``, with the shipped configuration: NMF ranks 12 / 16 / 20). The workflow runs up to
-    the registration (conversion, NMF, grid removal, section maps, registration: the transforms
+    ``demo``, with the demo's configuration, config/demo/config.yaml: NMF ranks 12 / 16 / 20).
+    The workflow runs up to the registration (conversion, NMF, grid removal, section maps, registration: the transforms
     are estimated, not given); then each method fuses the chain in this process and its ion images
     at every finer level are compared with the noise-free truth. Bicubic upsampling of the coarse
     reference ion image uses the TRUE transform. Printed per study and level: mean Pearson r and
@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from msifusion.evaluate import (bicubic_to_grid, evaluate_section, raw_ion_image
 from msifusion.store import ConvertedReader  # noqa: E402
 from msifusion.fuse import fuse_pair  # noqa: E402
 from msifusion.phantom import generate_study  # noqa: E402
-from msifusion.pipeline import fuse_step  # noqa: E402
+from msifusion.steps.fuse import fuse_step  # noqa: E402
 from msifusion.products import product_ion_image, read_fused  # noqa: E402
 
 CUBE = ROOT.parent / "shared" / "data" / "real" / "tofsims_poplar" / "tofsims_trift_poplar_256x256.h5"
@@ -70,7 +69,8 @@ def default_method() -> str:
     """Name in :data:`METHODS` of the shipped configuration's fusion settings."""
     from msifusion.config import validate_config
 
-    fu = validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))["fusion"]
+    demo = yaml.safe_load((ROOT / "config" / "demo" / "config.yaml").read_text())
+    fu = validate_config(demo)["fusion"]
     for name, kw in METHODS.items():
         if kw["method"] == fu["method"] == "cca":
             return name
@@ -100,8 +100,8 @@ def run_study(preset: str, seed: int, workdir: Path) -> dict:
     chain = ("fticr", "maldi", "tofsims")
     tile = 20 if preset == "small" else 40
     summary = generate_study(workdir / "study", preset=preset, seed=seed, chain=chain, tile_px=tile)
-    # the shipped configuration (NMF ranks 12 / 16 / 20), with the phantom's pixel size and tile
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    # the demo configuration (NMF ranks 12 / 16 / 20), with the phantom's pixel size and tile
+    cfg = yaml.safe_load((ROOT / "config" / "demo" / "config.yaml").read_text())
     cfg.update(sections="study/sections.tsv")
     cfg["evaluation"]["truth"] = "study/truth"
     cfg["modalities"]["tofsims"]["pixel_size_um"] = 10 if preset == "small" else 5
@@ -158,7 +158,7 @@ def linear_ceiling(study: dict, scales_px=(0, 1, 2, 4, 8)) -> dict:
     fusion.
     """
     from msifusion.fuse import multiscale_features
-    from msifusion.pipeline import read_section_maps
+    from msifusion.steps.section import read_section_maps
 
     w, summary = study["workdir"], study["summary"]
     only = float(summary["reference_only_mz"])

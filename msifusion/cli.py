@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import InputError, MsifusionError
+from .schema import default
 
 log = logging.getLogger("msifusion.cli")
 
@@ -22,7 +23,7 @@ def _roi(text: str):
 
 
 def cmd_convert(a):
-    from .pipeline import convert_step
+    from .steps.convert import convert_step
 
     summary = convert_step(a.imzml, a.out, pixel_size_um=a.pixel_size_um,
                            block_mb=a.block_mb, xml_chunk_mb=a.xml_chunk_mb,
@@ -32,15 +33,16 @@ def cmd_convert(a):
 
 
 def cmd_export(a):
-    from .pipeline import export_step
+    from .steps.export import export_step
 
     summary = export_step(a.inp, a.out, mode=a.mode, top_n=a.top_n)
     print(json.dumps(summary, default=str))
 
 
 def cmd_nmf(a):
-    from .pipeline import axis_step, components_figure, nmf_step
     from .config import file_id
+    from .steps.axis import axis_step
+    from .steps.nmf import components_figure, nmf_step
 
     converted = {}
     for path in a.inputs:
@@ -56,35 +58,38 @@ def cmd_nmf(a):
 
 
 def cmd_degrid(a):
-    from .pipeline import degrid_step
+    from .steps.degrid import degrid_step
 
     degrid_step(a.inp, a.out, tile_px=a.tile, method=a.method, figure=a.figure)
 
 
 def cmd_crop(a):
-    from .pipeline import crop_step
+    from .steps.section import crop_step
 
     crop_step(a.nmf, a.file_id, a.out, section=a.section, modality=a.modality, roi=a.roi,
-              pixel_size_um=a.pixel_size_um)
+              pixel_size_um=a.pixel_size_um, force_pixel_size=a.force_pixel_size)
 
 
 def cmd_register(a):
-    from .pipeline import register_step
+    from .steps.register import register_step
 
     qc = a.qc or str(Path(a.out).with_suffix(".png"))
     register_step(a.coarse, a.fine, a.out, qc, model=a.model, n_starts=a.n_starts,
-                  mirror=a.mirror, min_score=a.min_score, min_margin=a.min_margin, seed=a.seed)
+                  mirror=a.mirror, iterations=a.iterations, min_score=a.min_score,
+                  min_margin=a.min_margin, seed=a.seed)
 
 
 def cmd_fuse(a):
-    from .pipeline import fuse_step
+    from .steps.fuse import fuse_step
 
     if len(a.transforms) != len(a.maps) - 1 or len(a.out) != len(a.maps) - 1:
         raise MsifusionError("fuse: give N maps files (reference first), N-1 transforms and "
                              "N-1 outputs")
     consistency = {"auto": "auto", "on": True, "off": False}[a.consistency]
-    fuse_step(a.maps, a.transforms, a.out, a.report, method=a.method, consistency=consistency,
-              seed=a.seed)
+    fuse_step(a.maps, a.transforms, a.out, a.report, method=a.method,
+              n_components=a.n_components, scales_px=a.scales_px, alpha_se=a.alpha_se,
+              consistency=consistency, min_coverage=a.min_coverage, targets=a.targets,
+              ppm=a.ppm, min_target_r=a.min_target_r, seed=a.seed)
 
 
 def cmd_ion_image(a):
@@ -146,7 +151,9 @@ def cmd_phantom(a):
 
     chain = tuple(a.chain.split(",")) if a.chain else ("fticr", "maldi", "tofsims")
     summary = generate_study(a.outdir, preset=a.preset, seed=a.seed, chain=chain,
-                             tile_px=a.tile_px, n_sections=a.sections)
+                             tile_px=a.tile_px, n_sections=a.sections,
+                             pixel_size_um=a.pixel_size_um, tof_field_px=a.tof_field_px,
+                             state_tof_pixel_size=a.state_tof_pixel_size, mz_shift=a.mz_shift)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -159,18 +166,23 @@ def cmd_evaluate(a):
 def cmd_validate(a):
     import yaml
 
-    from .config import load_config, read_sections, check_rois
+    from .config import load_config, load_study
 
     overrides = {}
     for item in a.set or []:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
-    config = load_config(a.configfile, overrides)
-    acq = read_sections(config["sections"], config["chain"])
-    check_rois(acq, config["sections"])
-    sections = list(dict.fromkeys(x.section for x in acq))
-    print(f"ok: chain {' -> '.join(config['chain'])}; {len(sections)} section(s): "
-          f"{', '.join(sections)}; {len({x.imzml for x in acq})} imzML file(s)")
+    study = load_study(load_config(a.configfile, overrides), source=a.configfile)
+    lines = study.summary()
+    print("ok: " + lines[0])
+    for line in lines[1:]:
+        print("  " + line)
+
+
+def cmd_config_keys(a):
+    from .schema import reference_table
+
+    sys.stdout.write(reference_table())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("imzml")
     s.add_argument("out")
     s.add_argument("--pixel-size-um", type=float, help="pixel size when the imzML has none")
-    s.add_argument("--block-mb", type=float, default=32, help=".ibd MB read per block")
-    s.add_argument("--xml-chunk-mb", type=float, default=8, help="XML MB scanned per chunk")
+    s.add_argument("--block-mb", type=float, default=default("convert.block_mb"),
+                   help=".ibd MB read per block")
+    s.add_argument("--xml-chunk-mb", type=float, default=default("convert.xml_chunk_mb"),
+                   help="XML MB scanned per chunk")
     s.add_argument("--threads", type=int, default=2, help="threads of the XML scan")
     s.add_argument("--no-checksum", action="store_true", help="skip the .ibd checksum")
     s.add_argument("--full-xml-check", action="store_true",
@@ -193,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="converted HDF5 or fused product -> imzML (+ .ibd)")
     s.add_argument("inp", metavar="IN.h5")
     s.add_argument("out", metavar="OUT.imzML")
-    s.add_argument("--mode", choices=["auto", "continuous", "processed"], default="auto",
+    s.add_argument("--mode", choices=["auto", "continuous", "processed"],
+                   default=default("export.mode"),
                    help="auto: continuous when the data have one m/z axis, else processed")
     s.add_argument("--top-n", type=int, help="keep the N most intense values per pixel "
                    "(processed output)")
@@ -202,19 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("nmf", help="NMF of one modality's converted files (shared components)")
     s.add_argument("inputs", nargs="+", help="converted HDF5 file(s)")
     s.add_argument("out")
-    s.add_argument("--rank", type=int, default=40)
-    s.add_argument("--backend", choices=["hals", "mu", "tensorly"], default="hals")
-    s.add_argument("--max-iter", type=int, default=200)
-    s.add_argument("--tol", type=float, default=1e-4)
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    s.add_argument("--rank", type=int, default=default("modality.nmf.rank"))
+    s.add_argument("--backend", choices=["hals", "mu", "tensorly"], default=default("nmf.backend"))
+    s.add_argument("--max-iter", type=int, default=default("nmf.max_iter"))
+    s.add_argument("--tol", type=float, default=default("nmf.tol"))
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default("nmf.device"),
                    help="auto: a CUDA GPU when torch sees one")
-    s.add_argument("--memory-gb", type=float, default=8.0,
+    s.add_argument("--memory-gb", type=float, default=default("nmf.memory_gb"),
                    help="memory budget; larger matrices run out of core")
-    s.add_argument("--ppm", type=float, default=10.0, help="m/z bin width (ppm)")
-    s.add_argument("--min-pixels", type=int, default=1)
-    s.add_argument("--normalize", choices=["none", "tic", "rms"], default="none")
-    s.add_argument("--transform", choices=["none", "sqrt"], default="none")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ppm", type=float, default=default("modality.binning.ppm"),
+                   help="m/z bin width (ppm)")
+    s.add_argument("--min-pixels", type=int, default=default("modality.binning.min_pixels"))
+    s.add_argument("--normalize", choices=["none", "tic", "rms"],
+                   default=default("modality.nmf.normalize"))
+    s.add_argument("--transform", choices=["none", "sqrt"],
+                   default=default("modality.nmf.transform"))
+    s.add_argument("--seed", type=int, default=default("seed"))
     s.add_argument("--modality", default="modality")
     s.add_argument("--figure", help="PNG of component maps and spectra")
     s.set_defaults(func=cmd_nmf)
@@ -223,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inp")
     s.add_argument("out")
     s.add_argument("--tile", type=int, help="tile size in pixels (default: detected)")
-    s.add_argument("--method", choices=["gain", "subtract"], default="gain")
+    s.add_argument("--method", choices=["gain", "subtract"],
+                   default=default("modality.grid.method"))
     s.add_argument("--figure")
     s.set_defaults(func=cmd_degrid)
 
@@ -235,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="x0:x1,y0:y1, * (default) or auto (the only tissue section found)")
     s.add_argument("--section", default="section")
     s.add_argument("--modality", default="modality")
-    s.add_argument("--pixel-size-um", type=float)
+    s.add_argument("--pixel-size-um", type=float,
+                   help="pixel size (um) when the imzML states none")
+    s.add_argument("--force-pixel-size", action="store_true",
+                   help="--pixel-size-um replaces the imzML's pixel size")
     s.set_defaults(func=cmd_crop)
 
     s = sub.add_parser("register", help="register a fine section maps file to a coarse one")
@@ -243,12 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("fine")
     s.add_argument("out", help="transform JSON")
     s.add_argument("--qc", help="QC overlay PNG (default: beside OUT)")
-    s.add_argument("--model", choices=["rigid", "affine"], default="rigid")
-    s.add_argument("--n-starts", type=int, default=36)
+    s.add_argument("--model", choices=["rigid", "affine"], default=default("registration.model"))
+    s.add_argument("--n-starts", type=int, default=default("registration.n_starts"))
     s.add_argument("--mirror", action="store_true")
-    s.add_argument("--min-score", type=float, default=0.6)
-    s.add_argument("--min-margin", type=float, default=0.05)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--iterations", type=int, default=default("registration.iterations"))
+    s.add_argument("--min-score", type=float, default=default("registration.min_score"))
+    s.add_argument("--min-margin", type=float, default=default("registration.min_margin"))
+    s.add_argument("--seed", type=int, default=default("seed"))
     s.set_defaults(func=cmd_register)
 
     s = sub.add_parser("fuse", help="chained fusion of one section")
@@ -256,17 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--transforms", nargs="+", required=True, help="pair transforms, in chain order")
     s.add_argument("--out", nargs="+", required=True, help="fused products for maps[1:]")
     s.add_argument("--report", required=True, help="JSON with cross-validated scores")
-    s.add_argument("--method", choices=["ridge", "cca"], default="ridge")
-    s.add_argument("--consistency", choices=("auto", "on", "off"), default="auto",
+    s.add_argument("--method", choices=["ridge", "cca"], default=default("fusion.method"))
+    s.add_argument("--n-components", type=int, default=default("fusion.n_components"),
+                   help="CCA components (method cca)")
+    s.add_argument("--scales-px", type=float, nargs="+", default=default("fusion.scales_px"))
+    s.add_argument("--alpha-se", type=float, default=default("fusion.alpha_se"))
+    s.add_argument("--min-coverage", type=float, default=default("fusion.min_coverage"))
+    s.add_argument("--targets", type=float, nargs="*", default=default("targets.mz"),
+                   help="target m/z scored and flagged per level")
+    s.add_argument("--ppm", type=float, default=default("targets.ppm"),
+                   help="target window (+- ppm)")
+    s.add_argument("--min-target-r", type=float, default=default("fusion.min_target_r"))
+    s.add_argument("--consistency", choices=("auto", "on", "off"),
+                   default={"auto": "auto", True: "on", False: "off"}[default("fusion.consistency")],
                    help="footprint consistency with the coarse values: auto (per component, by "
                         "how little the finer modality explains it), on or off")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=default("seed"))
     s.set_defaults(func=cmd_fuse)
 
     s = sub.add_parser("ion-image", help="ion image at m/z +- ppm from a fused product")
     s.add_argument("product", help="fused_*.h5 (or section maps_*.h5)")
     s.add_argument("--mz", type=float, required=True)
-    s.add_argument("--ppm", type=float, default=10.0)
+    s.add_argument("--ppm", type=float, default=default("targets.ppm"))
     s.add_argument("--png")
     s.add_argument("--tiff")
     s.set_defaults(func=cmd_ion_image)
@@ -281,10 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("phantom", help="generate a multimodal study with ground truth")
     s.add_argument("outdir")
     s.add_argument("--preset", choices=["demo", "small"], default="demo")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=default("seed"))
     s.add_argument("--chain", help="comma-separated modality names (default fticr,maldi,tofsims)")
     s.add_argument("--tile-px", type=int, default=40)
     s.add_argument("--sections", type=int, default=2)
+    s.add_argument("--pixel-size-um", type=float, nargs=3, metavar=("REF", "MID", "FINE"),
+                   help="pixel sizes (um) instead of the preset's; the geometry scales with them")
+    s.add_argument("--tof-field-px", type=int, help="ToF-SIMS field of view (pixels, square)")
+    s.add_argument("--state-tof-pixel-size", action="store_true",
+                   help="the ToF-SIMS imzML states its pixel size (like the others)")
+    s.add_argument("--mz-shift", type=float, default=0.0,
+                   help="Da added to every species' m/z (targets other than the demo's)")
     s.set_defaults(func=cmd_phantom)
 
     s = sub.add_parser("evaluate", help="print an accuracy table written by the workflow")
@@ -295,12 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configfile", nargs="?", default="config/config.yaml")
     s.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="top-level overrides")
     s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("config-keys", help="every config key, its type, default and meaning "
+                       "(Markdown, from the schema)")
+    s.set_defaults(func=cmd_config_keys)
     return p
 
 
 def main(argv=None) -> int:
     """Entry point; returns the exit status (non-zero on any error, with one clear message)."""
-    from .pipeline import setup_logging
+    from .job import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(level=logging.DEBUG if args.verbose else logging.INFO)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,11 +20,15 @@ import jsonschema
 import yaml
 
 from .errors import InputError
+from .metadata import PixelSize, resolve_pixel_size
+from .schema import load_schema, resolve_ref
 
-SCHEMA_PATH = Path(__file__).with_name("schemas") / "config.schema.yaml"
+log = logging.getLogger("msifusion.config")
+
 SHEET_COLUMNS = ("section", "modality", "imzml", "roi")
 _SECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROI_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*$")
+_YAML_NULLS = ("null", "Null", "NULL", "~", "")
 
 
 def file_id(path) -> str:
@@ -35,12 +40,6 @@ def file_id(path) -> str:
     stem = Path(str(path)).name
     stem = re.sub(r"\.imzml$", "", stem, flags=re.IGNORECASE)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)
-
-
-def load_schema() -> dict:
-    """The JSON schema of ``config.yaml`` as a dict."""
-    with open(SCHEMA_PATH) as fh:
-        return yaml.safe_load(fh)
 
 
 def _key_path(error: jsonschema.ValidationError) -> str:
@@ -66,20 +65,10 @@ def canonical_path(path: str | os.PathLike) -> str:
     return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
 
-def _resolve_ref(schema: dict, root: dict) -> dict:
-    ref = schema.get("$ref") if isinstance(schema, dict) else None
-    if isinstance(ref, str) and ref.startswith("#/"):
-        node = root
-        for part in ref[2:].split("/"):
-            node = node[part]
-        return node
-    return schema
-
-
 def _map_leaves(value, schema, root: dict, leaf):
     """``value`` with ``leaf(scalar, subschema)`` applied to every scalar the schema describes
     (through ``properties``, ``additionalProperties``, ``items`` and local ``$ref``)."""
-    schema = _resolve_ref(schema, root)
+    schema = resolve_ref(schema, root)
     if not isinstance(schema, dict):
         return value
     if isinstance(value, dict):
@@ -102,6 +91,8 @@ def _typed_scalar(value, schema):
     if not isinstance(value, str):
         return value
     check = jsonschema.Draft202012Validator(schema)
+    if value.strip() in _YAML_NULLS and check.is_valid(None):
+        return None   # 'null' of a nullable key is YAML's null, not a path or name "null"
     if check.is_valid(value):
         return value
     try:
@@ -231,6 +222,8 @@ class Acquisition:
     #: and their number; the file's tissue sections, left to right, are given out in that order.
     auto_index: int = 0
     auto_count: int = 0
+    #: The ``.ibd`` beside the imzML (its extension matched case-insensitively).
+    ibd: str = ""
 
     @property
     def roi_param(self) -> list[int] | str | None:
@@ -245,6 +238,8 @@ class Study:
     config: dict
     sheet: str
     acquisitions: list[Acquisition] = field(default_factory=list)
+    #: Per imzML path: the decided pixel size (:func:`check_study` fills it).
+    pixel_sizes: dict[str, PixelSize] = field(default_factory=dict)
 
     @property
     def chain(self) -> list[str]:
@@ -269,26 +264,54 @@ class Study:
         """``{file_id: imzml path}`` of one modality, in sheet order."""
         return {a.file_id: a.imzml for a in self.acquisitions if a.modality == modality}
 
+    def ibd(self, modality: str, file_id: str) -> str:
+        """The ``.ibd`` path of one of the modality's files."""
+        return next(a.ibd for a in self.acquisitions
+                    if a.modality == modality and a.file_id == file_id)
+
     def pairs(self) -> list[tuple[str, str]]:
         """Adjacent (coarse, fine) pairs of the chain."""
         return list(zip(self.chain[:-1], self.chain[1:]))
+
+    def summary(self) -> list[str]:
+        """Lines for the start-up log: the chain, sections, files and their pixel sizes."""
+        lines = [f"chain {' -> '.join(self.chain)}; {len(self.sections)} section(s): "
+                 f"{', '.join(self.sections)}; "
+                 f"{len({a.imzml for a in self.acquisitions})} imzML file(s)"]
+        for modality in self.chain:
+            for fid, path in self.files(modality).items():
+                px = self.pixel_sizes.get(path)
+                if px is not None:
+                    lines.append(f"{modality} {fid}: pixel size {px.um:g} um ({px.source})"
+                                 + (f"; {px.note}" if px.note else ""))
+        return lines
 
 
 def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisition]:
     """Read and check the sections sheet.
 
     imzML paths are taken relative to the sheet's folder unless absolute. Every section must list
-    every modality of the chain exactly once.
+    every modality of the chain exactly once; every imzML must be a file with its ``.ibd`` beside
+    it. A UTF-8 byte-order mark (spreadsheet export) is skipped.
     """
+    from .imzml import find_ibd
+
     sheet = Path(sheet)
     if not sheet.exists():
         raise InputError(f"{sheet}: sections sheet not found (config key 'sections')")
-    with open(sheet, newline="") as fh:
-        lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+    if not sheet.is_file():
+        raise InputError(f"{sheet}: the sections sheet is not a file (config key 'sections')")
+    try:
+        with open(sheet, newline="", encoding="utf-8-sig") as fh:
+            lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+    except UnicodeDecodeError as err:
+        raise InputError(f"{sheet}: the sections sheet is not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}); save it as tab-separated UTF-8") from err
     reader = csv.reader(lines, delimiter="\t")
     header = next(reader, None)
     if header is None:
-        raise InputError(f"{sheet}: the sections sheet is empty")
+        raise InputError(f"{sheet}: the sections sheet is empty (add the header "
+                         f"{' '.join(SHEET_COLUMNS)} and one row per section and modality)")
     header = [h.strip() for h in header]
     if tuple(header[:4]) != SHEET_COLUMNS:
         raise InputError(f"{sheet}: header must be the tab-separated columns "
@@ -312,9 +335,17 @@ def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisitio
             raise InputError(f"{where}: {imzml!r} is not an .imzML file")
         if not path.exists():
             raise InputError(f"{where}: imzML file not found: {path}")
-        acquisitions.append(Acquisition(section, modality, str(path), "", parse_roi(roi, where), i))
+        if not path.is_file():
+            raise InputError(f"{where}: {path} is not a file (a folder?)")
+        try:
+            ibd = canonical_path(find_ibd(path))
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from err
+        acquisitions.append(Acquisition(section, modality, str(path), "", parse_roi(roi, where), i,
+                                        ibd=ibd))
     if not acquisitions:
-        raise InputError(f"{sheet}: the sections sheet lists no sections")
+        raise InputError(f"{sheet}: the sections sheet lists no sections (add one row per section "
+                         "and modality below the header; see config/README.md)")
     seen = set()
     for a in acquisitions:
         if (a.section, a.modality) in seen:
@@ -337,7 +368,7 @@ def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisitio
             autos.setdefault((a.modality, a.imzml), []).append(i)
     rank = {i: (k, len(rows)) for rows in autos.values() for k, i in enumerate(rows)}
     return [Acquisition(a.section, a.modality, a.imzml, ids[(a.modality, a.imzml)], a.roi, a.row,
-                        *rank.get(i, (0, 0)))
+                        *rank.get(i, (0, 0)), ibd=a.ibd)
             for i, a in enumerate(acquisitions)]
 
 
@@ -349,38 +380,137 @@ def _unique_ids(paths: list[str]) -> list[str]:
     return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def check_rois(acquisitions: list[Acquisition], sheet: str) -> None:
-    """Check every ROI against the image size stated in its imzML header (when stated)."""
+def check_study(study: Study) -> None:
+    """Everything about a study that can be known before the first job, all problems at once.
+
+    Reads only the imzML headers (milliseconds per file). Checks: each file's header; each ROI
+    inside the image its header states; each file's pixel size (:func:`resolve_pixel_size`, the
+    result is kept in ``study.pixel_sizes``); a configured scan tile divides the image; every
+    configured ``rois`` entry (box order, ``level`` in the chain, mask files present, loadable
+    and of the level's section size, boxes inside it, where that size is known from the sheet and
+    headers); the ground-truth files of ``evaluation.truth``.
+
+    Raises
+    ------
+    InputError
+        Listing every problem found, each naming its file, row or key.
+    """
     from .imzml import read_imzml_header
 
-    shapes: dict[str, tuple | None] = {}
-    for a in acquisitions:
-        if a.roi is None or a.roi == "auto":
+    cfg, sheet = study.config, study.sheet
+    problems: list[str] = []
+    headers: dict[str, dict] = {}
+    for a in study.acquisitions:
+        if a.imzml in headers:
             continue
-        if a.imzml not in shapes:
-            shapes[a.imzml] = read_imzml_header(a.imzml).get("image_shape")
-        shape = shapes[a.imzml]
-        if shape is None:
-            continue
+        try:
+            headers[a.imzml] = read_imzml_header(a.imzml)
+        except InputError as err:
+            problems.append(f"{sheet}, row {a.row}: {err}")
+            headers[a.imzml] = {}
+    shapes = {path: h.get("image_shape") for path, h in headers.items()}
+    for a in study.acquisitions:
+        problems += _check_acquisition(study, a, headers[a.imzml], shapes[a.imzml])
+    for roi in cfg.get("rois", []):
+        problems += _check_config_roi(study, roi, shapes)
+    truth = cfg.get("evaluation", {}).get("truth")
+    if truth:
+        if not Path(truth).is_dir():
+            problems.append(f"key 'evaluation.truth': folder {truth} not found (null for a study "
+                            "without ground truth)")
+        else:
+            problems += [f"key 'evaluation.truth': {Path(truth) / (s + '.h5')} not found"
+                         for s in study.sections if not (Path(truth) / f"{s}.h5").is_file()]
+    problems = list(dict.fromkeys(problems))
+    if problems:
+        head = f"{len(problems)} problems found before running anything:\n  - " if len(
+            problems) > 1 else ""
+        raise InputError(head + "\n  - ".join(problems))
+
+
+def _check_acquisition(study: Study, a: Acquisition, header: dict, shape) -> list[str]:
+    """Problems of one sheet row: ROI inside the image, pixel size, scan tile."""
+    from .degrid import check_tile_divides
+
+    problems, where = [], f"{study.sheet}, row {a.row}"
+    mod = study.config["modalities"][a.modality]
+    if shape is not None and isinstance(a.roi, tuple):
         ny, nx = shape
         x0, x1, y0, y1 = a.roi
         if x1 > nx or y1 > ny:
-            raise InputError(f"{sheet}, row {a.row}: roi {x0}:{x1},{y0}:{y1} of section "
-                             f"{a.section!r} lies outside the image of {a.imzml} "
-                             f"({nx} x {ny} pixels, x by y)")
+            problems.append(f"{where}: roi {x0}:{x1},{y0}:{y1} of section {a.section!r} lies "
+                            f"outside the image of {a.imzml} ({nx} x {ny} pixels, x by y)")
+    if header and a.imzml not in study.pixel_sizes:
+        try:
+            study.pixel_sizes[a.imzml] = resolve_pixel_size(
+                header.get("pixel_size_um"), mod["pixel_size_um"],
+                force=mod.get("force_pixel_size", False), where=f"{where}: {a.imzml}",
+                key=f"modalities.{a.modality}.pixel_size_um")
+        except InputError as err:
+            problems.append(str(err))
+    grid = mod.get("grid", {})
+    if grid.get("enabled") and grid.get("tile_px") and shape is not None:
+        try:
+            check_tile_divides(shape, grid["tile_px"], where=f"{a.imzml}")
+        except InputError as err:
+            problems.append(f"{where}: {err} (key 'modalities.{a.modality}.grid.tile_px')")
+    return problems
 
 
-def script_params(smk) -> dict:
-    """A Snakemake job's params for the step function: without ``tracked``, the by-name copy of
-    all of them that the rules add so that Snakemake notices any change (``named`` in
-    ``rules/common.smk``)."""
-    return {name: value for name, value in smk.params.items() if name != "tracked"}
+def section_grid(study: Study, section: str, level: str, shapes: dict) -> tuple[int, int] | None:
+    """(ny, nx) of a section's grid on one level (its ROI of the acquisition), or None when not
+    known before running (roi ``auto``, or no image size in the header)."""
+    a = study.acquisition(section, level)
+    if isinstance(a.roi, tuple):
+        x0, x1, y0, y1 = a.roi
+        return y1 - y0, x1 - x0
+    return shapes.get(a.imzml) if a.roi is None else None
+
+
+def _check_config_roi(study: Study, roi: dict, shapes: dict) -> list[str]:
+    """Problems of one ``rois`` entry of the config, for every section."""
+    key = f"key 'rois' entry {roi['name']!r}"
+    level = roi.get("level", study.reference)
+    if level not in study.chain:
+        return [f"{key}: level {level!r} is not in the chain {study.chain}"]
+    problems = []
+    if "box" in roi:
+        x0, x1, y0, y1 = roi["box"]
+        if x1 <= x0 or y1 <= y0:
+            return [f"{key}: box [{x0}, {x1}, {y0}, {y1}] is empty (need x0 < x1 and y0 < y1: "
+                    "[x0, x1, y0, y1], half-open)"]
+    for section in study.sections:
+        grid = section_grid(study, section, level, shapes)
+        if "box" in roi:
+            if grid is not None and (x1 > grid[1] or y1 > grid[0]):
+                problems.append(f"{key}: box [{x0}, {x1}, {y0}, {y1}] lies outside section "
+                                f"{section!r} on {level} ({grid[1]} x {grid[0]} pixels, x by y)")
+            continue
+        path = Path(roi["mask"].replace("{section}", section))
+        if not path.is_file():
+            problems.append(f"{key}: mask file {path} not found (section {section!r})")
+            continue
+        try:
+            import numpy as np
+
+            mask = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            problems.append(f"{key}: {path} is not a .npy array ({err})")
+            continue
+        if mask.ndim != 2:
+            problems.append(f"{key}: {path} has shape {mask.shape}; a mask is (ny, nx)")
+        elif grid is not None and tuple(mask.shape) != tuple(grid):
+            problems.append(f"{key}: {path} is {mask.shape[1]} x {mask.shape[0]} pixels but "
+                            f"section {section!r} on {level} is {grid[1]} x {grid[0]} (x by y)")
+    return problems
 
 
 def load_study(config: dict, source: str = "config", check_images: bool = True) -> Study:
-    """Validate ``config`` and read its sections sheet into a :class:`Study`."""
+    """Validate ``config``, read its sections sheet and (``check_images``) check everything
+    knowable before running (:func:`check_study`)."""
     config = validate_config(config, source=source)
     acquisitions = read_sections(config["sections"], config["chain"])
+    study = Study(config=config, sheet=config["sections"], acquisitions=acquisitions)
     if check_images:
-        check_rois(acquisitions, config["sections"])
-    return Study(config=config, sheet=config["sections"], acquisitions=acquisitions)
+        check_study(study)
+    return study

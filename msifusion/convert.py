@@ -1,5 +1,5 @@
-"""Stage 1: imzML -> HDF5 conversion into the converted layout of :mod:`msifusion.store`, and the
-way back (:func:`export_imzml`).
+"""Stage 1: imzML -> HDF5 conversion into the converted layout of :mod:`msifusion.store` (the way
+back is :mod:`msifusion.export`).
 
 Conversion validates everything that can be checked without the intensities first (header,
 ``.ibd`` present, UUID, checksum, the spectrum index: positions, offsets and lengths inside the
@@ -18,17 +18,17 @@ import os
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .errors import InputError
-from .imzml import (BLOCK_BYTES, CHUNK_BYTES, ImzMLStreamWriter, SpectrumIndex, find_ibd,
-                    iter_spectra, read_imzml_header, read_index)
-from .store import ConvertedReader, ConvertedWriter, value_rows
+from .imzml import (BLOCK_BYTES, CHUNK_BYTES, SpectrumIndex, find_ibd, iter_spectra,
+                    read_imzml_header, read_index)
+from .metadata import resolve_pixel_size
+from .store import ConvertedWriter, value_rows
 
 log = logging.getLogger("msifusion.convert")
 
-__all__ = ["convert_imzml", "export_imzml", "read_imzml_header"]
+__all__ = ["convert_imzml", "read_imzml_header"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,17 +177,13 @@ def _sort_rows(path: Path, first: int, indptr: np.ndarray, mz: np.ndarray, inten
     return mz[order], intensity[order], n_sorted
 
 
-def _resolve_pixel_size(path: Path, from_file: float | None, given: float | None) -> float:
-    """The file's pixel size, else ``given``, else NaN (warns when both disagree by > 1 %)."""
-    if from_file is not None:
-        if given is not None and abs(from_file - given) > 0.01 * max(abs(from_file), abs(given)):
-            log.warning("%s: pixel size %g um from the file differs from the configured %g um; "
-                        "using the file's", path, from_file, given)
-        return float(from_file)
-    if given is not None:
-        return float(given)
-    log.warning("%s: no pixel size in the file and none given; stored as NaN", path)
-    return float("nan")
+def _check_planes(path: Path, z: np.ndarray, max_planes: int | None) -> None:
+    """Refuse more than ``max_planes`` z planes (a 3-D imzML): never merged silently."""
+    planes = np.unique(z)
+    if max_planes is not None and len(planes) > max_planes:
+        raise InputError(f"{path}: {len(planes)} z planes (z = {', '.join(str(p + 1) for p in planes[:5])}"
+                         f"{', ...' if len(planes) > 5 else ''}); msifusion images one 2-D plane per "
+                         "file: write each plane as its own imzML (one sheet row each)")
 
 
 def _shared_axis(path: Path, ibd_path: Path, index: SpectrumIndex, mode: str
@@ -220,6 +216,7 @@ def convert_imzml(
     verify_checksum: bool = True,
     full_xml_check: bool = False,
     threads: int = 2,
+    max_z_planes: int | None = None,
 ) -> dict:
     """Convert one imzML/ibd pair into the converted HDF5 layout (see ``docs/design.md``).
 
@@ -248,6 +245,9 @@ def convert_imzml(
         several times slower than the default vectorised scan).
     threads : int
         Threads of the XML scan.
+    max_z_planes : int, optional
+        Refuse a file with more z planes than this, right after the index (before the binary
+        data is read); None keeps every plane (``z`` is stored per pixel).
 
     Returns
     -------
@@ -279,6 +279,7 @@ def convert_imzml(
     log.info("%s: %d spectra indexed in %.1f s (%s)", path, index.n, time.perf_counter() - t0,
              index.method)
     xy, z = _check_index(path, ibd_path, index)
+    _check_planes(path, z, max_z_planes)
     if verify_checksum:
         _check_checksum(ibd_path, header)
     n = index.n
@@ -288,7 +289,13 @@ def convert_imzml(
         log.warning("%s: no continuous/processed mode (IMS:1000030/31) stated; looks %s",
                     path, mode)
     spectrum_type = header["spectrum_type"] or "unknown"
-    px = _resolve_pixel_size(path, header["pixel_size_um"], pixel_size_um)
+    decided = resolve_pixel_size(header["pixel_size_um"], pixel_size_um, where=str(path),
+                                 required=False)
+    if decided.note:
+        log.warning("%s: %s", path, decided.note)
+    elif decided.source == "none":
+        log.warning("%s: no pixel size in the file and none given; stored as NaN", path)
+    px = decided.um
     # The image is the larger of the stated size and the positions reached, so that a last row or
     # column that was not acquired still belongs to the grid the ROIs refer to.
     image_shape = (int(xy[:, 1].max()) + 1, int(xy[:, 0].max()) + 1)
@@ -354,154 +361,3 @@ def convert_imzml(
     return {"n_pixels": n, "nnz": nnz, "image_shape": image_shape, "pixel_size_um": px,
             "mode": mode, "spectrum_type": spectrum_type, "n_sorted": n_sorted,
             "index_method": index.method, "seconds": seconds}
-
-
-# --------------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------------
-
-def _top_n(indptr: np.ndarray, mz: np.ndarray, intensity: np.ndarray, top_n: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep the ``top_n`` most intense values of each spectrum (in m/z order; ties: lower m/z)."""
-    rows = value_rows(indptr)
-    order = np.lexsort((np.arange(len(rows)), -intensity.astype(np.float64), rows))
-    rank = np.arange(len(rows)) - np.repeat(indptr[:-1], np.diff(indptr))
-    keep = np.sort(order[rank < top_n])                   # sorted by row, then by m/z position
-    counts = np.bincount(rows[keep], minlength=len(indptr) - 1)
-    new = np.zeros(len(indptr), np.int64)
-    np.cumsum(counts, out=new[1:])
-    return new, mz[keep], intensity[keep]
-
-
-def _fused_blocks(d: dict, block_values: int):
-    """Yield (xy, dense spectra (n, n_mz) float32) of a fused product's pixels in blocks."""
-    maps, spectra = d["maps"], d["spectra"]
-    k, ny, nx = maps.shape
-    flat = maps.reshape(k, -1)
-    acquired = np.flatnonzero(np.isfinite(flat).all(axis=0))
-    step = max(1, block_values // max(1, spectra.shape[1]))
-    for s in range(0, len(acquired), step):
-        px = acquired[s:s + step]
-        dense = flat[:, px].T.astype(np.float32) @ spectra.astype(np.float32)
-        yield np.stack([px % nx, px // nx], axis=1), dense
-
-
-def export_imzml(
-    source: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    mode: str = "auto",
-    top_n: int | None = None,
-    block_values: int = 1 << 24,
-) -> dict:
-    """Write a converted dataset or a fused product as imzML (+ ``.ibd``), atomically.
-
-    Parameters
-    ----------
-    source : path-like
-        A converted file (:mod:`msifusion.store` layout) or a fused product
-        (:func:`msifusion.products.write_fused`): each pixel's spectrum is then its predicted
-        component abundances times the component spectra, on the reference m/z axis.
-    out_path : path-like
-        The ``.imzML`` to write; the ``.ibd`` goes beside it.
-    mode : {"auto", "continuous", "processed"}
-        "auto": continuous when the source has one m/z axis for all pixels (a continuous
-        conversion or a fused product) and no ``top_n`` is asked, else processed.
-    top_n : int, optional
-        Keep only the ``top_n`` most intense values of each spectrum (processed output).
-    block_values : int
-        Values handled per block (memory bound, about 12 bytes each).
-
-    Returns
-    -------
-    dict
-        ``n_pixels``, ``nnz`` (values written), ``mode``, ``clipped`` (negative predicted
-        intensities set to 0, fused products only), ``seconds``.
-
-    Raises
-    ------
-    InputError
-        Unknown source, a continuous export asked of data without a shared m/z axis, bad
-        ``top_n``.
-    """
-    t0 = time.perf_counter()
-    source, out_path = Path(source), Path(out_path)
-    if mode not in ("auto", "continuous", "processed"):
-        raise InputError(f"export: mode must be auto, continuous or processed, not {mode!r}")
-    if top_n is not None and (int(top_n) < 1 or mode == "continuous"):
-        raise InputError(f"export: top_n={top_n} needs a positive number and processed output")
-    if not source.is_file():
-        raise InputError(f"{source}: file not found")
-    try:
-        with h5py.File(source, "r") as f:
-            fmt = f.attrs.get("format")
-            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-    except OSError as err:
-        raise InputError(f"{source}: cannot be read as HDF5 ({err})") from None
-    if out_path.suffix.lower() != ".imzml":
-        raise InputError(f"{out_path}: the output must end in .imzML")
-    seed = f"{source.name}|{mode}|{top_n}"
-    nnz, clipped, n = 0, 0, 0
-    if fmt == "msifusion-converted":
-        r = ConvertedReader(source)
-        shared = r.mz_axis is not None
-        if mode == "continuous" and not shared:
-            raise InputError(f"{source}: processed data has no shared m/z axis; export it as "
-                             "processed (mode='processed')")
-        out_mode = "continuous" if shared and top_n is None and mode != "processed" else "processed"
-        z = r.z if np.any(r.z) else None
-        kw = dict(mode=out_mode, mz_dtype=np.float64, intensity_dtype=r.intensity_dtype,
-                  mz_axis=r.mz_axis, pixel_size_um=r.pixel_size_um,
-                  spectrum_type=r.attrs.get("spectrum_type"), polarity=r.attrs.get("polarity"),
-                  instrument=r.attrs.get("instrument"), uuid_seed=seed)
-        per_pixel = max(1, r.nnz // max(1, r.n_pixels)) if out_mode == "processed" \
-            else len(r.mz_axis)
-        block_pixels = max(1, block_values // max(1, per_pixel))
-        with ImzMLStreamWriter(out_path, **kw) as w:
-            for start, stop, indptr, mz, inten in r.iter_blocks(block_pixels,
-                                                                channels=out_mode == "continuous"):
-                if out_mode == "continuous":
-                    dense = np.zeros((stop - start, len(r.mz_axis)), r.intensity_dtype)
-                    rows = value_rows(indptr)
-                    dense[rows, mz] = inten
-                    indptr = np.arange(stop - start + 1, dtype=np.int64) * len(r.mz_axis)
-                    inten = dense.ravel()
-                elif top_n is not None:
-                    indptr, mz, inten = _top_n(indptr, mz, inten, int(top_n))
-                w.add_block(indptr, mz, inten, r.xy[start:stop],
-                            None if z is None else z[start:stop])
-                nnz += int(indptr[-1])
-            n = r.n_pixels
-    elif fmt == "msifusion-fused":
-        from .products import read_fused
-
-        d = read_fused(source)
-        out_mode = "processed" if (top_n is not None or mode == "processed") else "continuous"
-        with ImzMLStreamWriter(out_path, mode=out_mode, mz_dtype=np.float64,
-                               intensity_dtype=np.float32, mz_axis=d["mz"],
-                               pixel_size_um=d["pixel_size_um"], spectrum_type="centroid",
-                               uuid_seed=seed) as w:
-            for xy, dense in _fused_blocks(d, block_values):
-                neg = dense < 0
-                clipped += int(neg.sum())
-                dense[neg] = 0
-                m = len(d["mz"])
-                indptr = np.arange(len(xy) + 1, dtype=np.int64) * m
-                mz = np.tile(d["mz"], len(xy))
-                inten = dense.ravel()
-                if top_n is not None:
-                    indptr, mz, inten = _top_n(indptr, mz, inten, int(top_n))
-                w.add_block(indptr, mz, inten, xy)
-                nnz += int(indptr[-1])
-                n += len(xy)
-        if clipped:
-            log.warning("%s: %d negative predicted intensities written as 0", out_path, clipped)
-    else:
-        raise InputError(f"{source}: neither a converted file nor a fused product "
-                         f"(format attribute {fmt!r})")
-    seconds = time.perf_counter() - t0
-    log.info("%s: %d spectra (%s, %d values) written in %.1f s", out_path, n, out_mode, nnz,
-             seconds)
-    return {"n_pixels": n, "nnz": nnz, "mode": out_mode, "clipped": clipped,
-            "seconds": seconds}
-

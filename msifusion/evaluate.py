@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
+from .schema import default
 from .spectra import mz_window
 from .store import ConvertedReader, atomic_output, value_rows
 
@@ -82,7 +83,7 @@ def _ion(fused: dict, target: float, ppm: float) -> np.ndarray:
 
 
 def evaluate_section(truth: str, fused: dict[str, str], reference: str, roi, *, targets=None,
-                     ppm: float = 10.0) -> list[dict]:
+                     ppm: float = default("targets.ppm")) -> list[dict]:
     """Rows of :data:`COLUMNS` for one section.
 
     Parameters
@@ -160,7 +161,7 @@ def section_roi(section_maps: str) -> list[int]:
 def evaluate_study(truth: list[str], fused: list[str], reference: list[str], out: str, *,
                    sections: list[str], chain: list[str], rois: list | None = None,
                    section_maps: list[str] | None = None, targets=None,
-                   ppm: float = 10.0) -> list[dict]:
+                   ppm: float = default("targets.ppm")) -> list[dict]:
     """Evaluate every section and write a TSV table (``out``); the table is also logged.
 
     ``fused`` lists the products section by section in chain order (``chain[1:]`` per section).

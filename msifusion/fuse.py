@@ -22,7 +22,7 @@ not explain.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from scipy import ndimage
 
 from .errors import InputError
+from .schema import default
 
 log = logging.getLogger("msifusion.fuse")
 
@@ -216,7 +217,8 @@ def _check_scales(scales_px) -> tuple[float, ...]:
     return scales
 
 
-def multiscale_features(maps: np.ndarray, scales_px: Sequence[float] = (0, 1, 2, 4)) -> np.ndarray:
+def multiscale_features(maps: np.ndarray,
+                        scales_px: Sequence[float] = default("fusion.scales_px")) -> np.ndarray:
     """Component maps plus NaN-aware Gaussian-blurred copies, as neighbourhood context.
 
     Parameters
@@ -507,14 +509,39 @@ def _training_pairs(target, mask, fine, matrix, scales, *, min_coverage, supersa
     train = (mask & (np.minimum(cov, 1.0).reshape(coarse_shape) >= min_coverage)
              & np.isfinite(target).all(0)).ravel() & np.isfinite(x).all(1)
     rows = np.flatnonzero(train)
-    needed = max(2 * (n_feat + 1), 10)
-    if len(rows) < needed:
-        raise InputError(f"{level}: only {len(rows)} coarse pixels are inside the mask with >= "
-                         f"{min_coverage:.0%} coverage by acquired fine pixels; {needed} needed "
-                         f"for {n_feat} features (check the registration / the overlap of the "
-                         "fields of view)")
     return _Pairs(op=op, cov=cov, fine_idx=fine_idx, rows=rows, x=x[rows],
                   y=target.reshape(k0, -1).T[rows], feat_sd=feat_sd)
+
+
+def _rows_needed(n_features: int) -> int:
+    """Training coarse pixels needed for ``n_features`` features (two per feature)."""
+    return max(2 * (n_features + 1), 10)
+
+
+def _scales_that_fit(pairs: _Pairs, k: int, scales: tuple, *, min_coverage: float,
+                     level: str) -> tuple[_Pairs, tuple]:
+    """Keep the features the training pixels can support: all ``scales`` when there are enough
+    coarse pixels (:func:`_rows_needed`), else the finest ones (a small section with many
+    components), with a warning; with too few pixels for even one scale, an error.
+
+    The features are scale-major (``k`` components per scale), so dropping the coarsest scales
+    is a column slice.
+    """
+    n = len(pairs.rows)
+    fit = max((s for s in range(1, len(scales) + 1) if _rows_needed(k * s) <= n), default=0)
+    if fit == 0:
+        raise InputError(f"{level}: only {n} coarse pixels are inside the mask with >= "
+                         f"{min_coverage:.0%} coverage by acquired fine pixels; "
+                         f"{_rows_needed(k)} needed for {k} features (check the registration / "
+                         "the overlap of the fields of view, or lower the finer modality's "
+                         "nmf.rank)")
+    if fit < len(scales):
+        log.warning("%s: %d training coarse pixels support %d of the %d feature scales "
+                     "(%d components each; %d pixels needed for all): scales %s px used",
+                     level, n, fit, len(scales), k, _rows_needed(k * len(scales)),
+                     list(scales[:fit]))
+        pairs = replace(pairs, x=pairs.x[:, :k * fit], feat_sd=pairs.feat_sd[:k * fit])
+    return pairs, tuple(scales[:fit])
 
 
 def _ridge_cv(pairs: _Pairs, fold, n_folds, alphas, alpha_se, fine, scales, level):
@@ -554,10 +581,13 @@ def _cca_cv(pairs: _Pairs, fold, n_folds, n_components, fine):
 
 
 def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_maps: np.ndarray,
-              matrix: np.ndarray, *, method: str = "ridge", n_components: int | None = None,
-              scales_px: Sequence[float] = (0, 1, 2, 4), alphas: Sequence[float] = DEFAULT_ALPHAS,
-              alpha_se: float = 0.25, consistency: bool | str = False,
-              backprojection: str = "bilinear", min_coverage: float = 0.9, supersample: int = 4,
+              matrix: np.ndarray, *, method: str = default("fusion.method"),
+              n_components: int | None = None,
+              scales_px: Sequence[float] = default("fusion.scales_px"),
+              alphas: Sequence[float] = DEFAULT_ALPHAS, alpha_se: float = default("fusion.alpha_se"),
+              consistency: bool | str = default("fusion.consistency"),
+              backprojection: str = "bilinear", min_coverage: float = default("fusion.min_coverage"),
+              supersample: int = 4,
               n_folds: int = 5, seed: int = 0, level: str = "fine level") -> FusionResult:
     """Predict the coarse target's component maps on the fine grid.
 
@@ -662,6 +692,7 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
 
     pairs = _training_pairs(target, mask, fine, m, scales, min_coverage=min_coverage,
                             supersample=supersample, level=level)
+    pairs, scales = _scales_that_fit(pairs, k1, scales, min_coverage=min_coverage, level=level)
     rows = pairs.rows
     fold, block = _spatial_folds(np.column_stack(np.divmod(rows, coarse_shape[1])), n_folds, seed)
     n_used = int(fold.max()) + 1

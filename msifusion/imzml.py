@@ -24,6 +24,7 @@ a temporary file, the header with UUID and SHA-1 is written last, both files app
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import math
@@ -398,7 +399,7 @@ def find_ibd(imzml_path: str | os.PathLike) -> Path:
     exact = path.with_suffix(".ibd")
     if exact.is_file():
         return exact
-    for cand in sorted(path.parent.glob(path.stem + ".*")):
+    for cand in sorted(path.parent.glob(glob.escape(path.stem) + ".*")):
         if cand.suffix.lower() == ".ibd" and cand.stem == path.stem and cand.is_file():
             return cand
     raise InputError(f"{path}: binary data file {exact.name} not found beside it")

@@ -36,8 +36,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import InputError
+from .schema import default
 from .spectra import MzAxis, assemble_matrix, iter_matrix_blocks
-from .store import ConvertedReader, atomic_output, plain_attr
+from .store import ConvertedReader, write_nmf
 
 log = logging.getLogger("msifusion.nmf")
 
@@ -45,7 +46,6 @@ BACKENDS = ("hals", "mu", "tensorly")
 INITS = ("nndsvda", "nndsvd", "random")
 #: Largest matrix (values) the dense tensorly fallback accepts (8 bytes each, several copies).
 TENSORLY_DENSE_LIMIT = 20_000_000
-NMF_FORMAT = "msifusion-nmf"
 #: Memory of the Python process itself (numpy, torch, h5py loaded), counted in the budget.
 INTERPRETER_BYTES = 300 * 2 ** 20
 _EPS = 1e-12
@@ -604,83 +604,14 @@ def factorize(X, rank: int, *, backend: str = "hals", max_iter: int = 200, tol: 
                      None if times is None else np.asarray(times, dtype=np.float64))
 
 
-# ---------------------------------------------------------------------------------------------
-# NMF file
-# ---------------------------------------------------------------------------------------------
-
-def write_nmf(path, *, spectra: np.ndarray, mz: np.ndarray, errors: np.ndarray,
-              maps: dict[str, np.ndarray], map_attrs: dict[str, dict] | None = None,
-              attrs: dict | None = None) -> None:
-    """Write an NMF file (layout in ``docs/design.md``) atomically.
-
-    Parameters
-    ----------
-    path : path-like
-    spectra : ndarray, shape (k, n_mz)
-    mz : ndarray, shape (n_mz,)
-    errors : ndarray, shape (n_iter,)
-    maps : dict file_id -> ndarray (k, ny, nx)
-        Component maps on each file's acquisition grid, NaN where not acquired.
-    map_attrs : dict file_id -> dict, optional
-        Attributes of each ``/maps/{file_id}`` dataset (``source``, ``pixel_size_um``).
-    attrs : dict, optional
-        Root attributes (``modality``, ``rank``, ``backend``, ``seed``, ``normalize``, ...).
-    """
-    map_attrs = map_attrs or {}
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("spectra", data=np.asarray(spectra, dtype=np.float32))
-        f.create_dataset("mz", data=np.asarray(mz, dtype=np.float64))
-        f.create_dataset("errors", data=np.asarray(errors, dtype=np.float64))
-        g = f.create_group("maps")
-        for fid, stack in maps.items():
-            stack = np.asarray(stack, dtype=np.float32)
-            chunks = (1,) + tuple(min(s, 256) for s in stack.shape[1:]) if stack.size else None
-            d = g.create_dataset(fid, data=stack, chunks=chunks, compression="gzip",
-                                 compression_opts=1)
-            for key, value in map_attrs.get(fid, {}).items():
-                d.attrs[key] = "" if value is None else value
-        f.attrs["format"] = NMF_FORMAT
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = "" if value is None else value
-
-
-def read_nmf(path) -> dict:
-    """Read an NMF file.
-
-    Returns
-    -------
-    dict
-        ``spectra`` (k, n_mz) float32, ``mz`` (n_mz,), ``errors`` (n_iter,), ``maps``
-        {file_id: (k, ny, nx) float32}, ``map_attrs`` {file_id: dict}, ``attrs`` dict.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: NMF file not found")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("spectra", "mz", "errors", "maps") if k not in f]
-            if missing:
-                raise InputError(f"{path}: not an NMF file (missing {', '.join(missing)})")
-            out = {"spectra": f["spectra"][:], "mz": f["mz"][:], "errors": f["errors"][:],
-                   "maps": {}, "map_attrs": {},
-                   "attrs": {k: plain_attr(v) for k, v in f.attrs.items()}}
-            for fid, d in f["maps"].items():
-                out["maps"][fid] = d[:]
-                out["map_attrs"][fid] = {k: plain_attr(v) for k, v in d.attrs.items()}
-    except OSError as err:
-        raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err
-    k = out["spectra"].shape[0]
-    for fid, stack in out["maps"].items():
-        if stack.ndim != 3 or stack.shape[0] != k:
-            raise InputError(f"{path}: /maps/{fid} has shape {stack.shape}, expected ({k}, ny, nx)")
-    return out
-
-
 def run_nmf(converted: dict[str, str | os.PathLike], axis: MzAxis, out_path, *, rank: int,
-            normalize: str = "none", transform: str = "none", backend: str = "hals",
-            max_iter: int = 200, tol: float = 1e-4, seed: int = 0, modality: str = "",
-            init: str = "nndsvda", block_pixels: int | None = None, device: str = "auto",
-            memory_gb: float = 8.0, scratch_dir=None) -> NMFResult:
+            normalize: str = default("modality.nmf.normalize"),
+            transform: str = default("modality.nmf.transform"),
+            backend: str = default("nmf.backend"), max_iter: int = default("nmf.max_iter"),
+            tol: float = default("nmf.tol"), seed: int = default("seed"), modality: str = "",
+            init: str = "nndsvda", block_pixels: int | None = None,
+            device: str = default("nmf.device"), memory_gb: float = default("nmf.memory_gb"),
+            scratch_dir=None) -> NMFResult:
     """Factorise all files of one modality together and write the NMF file.
 
     The binned matrices of all files are stacked (rows concatenated, in the order of

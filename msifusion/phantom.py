@@ -17,6 +17,13 @@ to three instruments, each with its own pixel size, rotation and shift:
   (Na+, K+, substrate), low Poisson counts, a multiplicative tile-gain grid anchored at pixel
   (0, 0) and no pixel size in the file.
 
+Options of :func:`generate_study` make a study unlike the demo, as a new user's would be: other
+pixel sizes (``pixel_size_um``; every length of the preset scales alike, so pixel counts and run
+time stay the preset's, see :func:`scaled_preset`), another ToF-SIMS field size
+(``tof_field_px``), a ToF-SIMS file that states its pixel size (``state_tof_pixel_size``) and
+species m/z shifted by ``mz_shift`` Da (targets included). Their defaults give the preset's study,
+byte for byte.
+
 Each pixel value is the abundance averaged over the pixel's footprint (supersampled; pixels
 rotated and shifted with respect to the section frame), so structures finer than a pixel blur as
 they would on a real instrument: smooth anatomical regions are seen by all modalities, fine lines
@@ -165,6 +172,10 @@ class Preset:
         Range of fine-dot diameters.
     n_dots : (int, int)
         Number of shared fine dots and of reference-only fine dots per section.
+    length_scale : float
+        Factor on the built-in lengths of the drawing and of the instrument models (smooth
+        edges of the regions, salt rim, TIC-field wavelengths): 1 for the shipped presets; a
+        preset scaled by :func:`scaled_preset` carries its scale factor.
     """
 
     section_um: tuple
@@ -178,6 +189,7 @@ class Preset:
     stripe_spacing_um: float
     dot_diameter_um: tuple
     n_dots: tuple
+    length_scale: float = 1.0
 
 
 PRESETS = {
@@ -190,6 +202,69 @@ PRESETS = {
                     line_widths_um=(20.0, 28.0, 36.0), stripe_widths_um=(20.0, 30.0),
                     stripe_spacing_um=90.0, dot_diameter_um=(25.0, 45.0), n_dots=(50, 15)),
 }
+
+
+def scaled_preset(preset: Preset, pixel_size_um) -> Preset:
+    """``preset`` with other pixel sizes and every length scaled alike (same pixel counts).
+
+    Every length of ``preset`` (section, margins, ToF-SIMS field of view and its depth, lines,
+    stripes, dots, the built-in edge widths via :attr:`Preset.length_scale`) is multiplied by
+    ``s = pixel_size_um[0] / preset.pixel_um[0]``, so that a study keeps about the preset's pixel
+    counts (exactly for modalities whose pixel keeps its ratio to the reference pixel). The canvas
+    pixel becomes ``s * preset.canvas_um``, or finer where the finest acquisition pixel is
+    relatively finer than in the preset: the canvas keeps at least the preset's ratio
+    ``canvas_um / min(pixel_um)``, so that footprint averages resolve the finest pixels.
+
+    Parameters
+    ----------
+    preset : Preset
+    pixel_size_um : sequence of 3 float
+        Pixel sizes (um) of the reference, MALDI-like and ToF-SIMS-like acquisitions, coarse to
+        fine (non-increasing). Relative to the reference, a finer modality's pixel may be at most
+        2 times finer than in ``preset`` (at most 4 times its pixel count and canvas pixels).
+
+    Returns
+    -------
+    Preset
+        With ``length_scale`` = ``s`` times the preset's.
+
+    Raises
+    ------
+    InputError
+        Bad ``pixel_size_um``.
+    """
+    try:
+        px = tuple(float(v) for v in pixel_size_um)
+    except (TypeError, ValueError):
+        raise InputError(f"phantom pixel_size_um must be 3 numbers (um), not {pixel_size_um!r}")
+    if len(px) != 3 or isinstance(pixel_size_um, (str, bytes)):
+        raise InputError(f"phantom pixel_size_um must be 3 numbers (um) for reference, MALDI-like "
+                         f"and ToF-SIMS-like, not {pixel_size_um!r}")
+    if not all(math.isfinite(v) and v > 0 for v in px):
+        raise InputError(f"phantom pixel_size_um must be finite and positive, not {px}")
+    if not px[0] >= px[1] >= px[2]:
+        raise InputError(f"phantom pixel_size_um must run coarse to fine (reference >= MALDI-like "
+                         f">= ToF-SIMS-like), not {px}")
+    for k in (1, 2):
+        lo = 0.5 * preset.pixel_um[k] / preset.pixel_um[0]
+        if px[k] / px[0] < lo * (1 - 1e-9):
+            raise InputError(f"phantom pixel_size_um {px}: the {KINDS[k]} pixel may be at most 2x "
+                             f"finer relative to the reference than the preset's "
+                             f"({preset.pixel_um[k]:g} of {preset.pixel_um[0]:g} um), i.e. >= "
+                             f"{lo * px[0]:g} um")
+    s = px[0] / preset.pixel_um[0]
+    canvas = min(s * preset.canvas_um, min(px) * preset.canvas_um / min(preset.pixel_um))
+
+    def scale(v):
+        return tuple(s * x for x in v)
+
+    return dataclasses.replace(
+        preset, section_um=scale(preset.section_um), canvas_um=canvas, pixel_um=px,
+        margin_um=scale(preset.margin_um), tof_fov_um=s * preset.tof_fov_um,
+        tof_depth_um=s * preset.tof_depth_um, line_widths_um=scale(preset.line_widths_um),
+        stripe_widths_um=scale(preset.stripe_widths_um),
+        stripe_spacing_um=s * preset.stripe_spacing_um,
+        dot_diameter_um=scale(preset.dot_diameter_um), length_scale=s * preset.length_scale)
 
 
 # ------------------------------------------------------------------------------------ imzML writer
@@ -401,6 +476,7 @@ def _draw_section(rng: np.random.Generator, outline: _Outline, preset: Preset
         Maps in [0, 1] (all but the derived "offtissue"), each already multiplied by the tissue.
     """
     step = preset.canvas_um
+    ls = float(preset.length_scale)                                   # built-in lengths (um)
     poly = outline.polygon()
     pad = 8 * step
     lo, hi = poly.min(0) - pad, poly.max(0) + pad
@@ -420,17 +496,17 @@ def _draw_section(rng: np.random.Generator, outline: _Outline, preset: Preset
     lobe_angle = outline.lobe[0]
     r_lobe = 0.4 * small
     lobe_c = outline.point(lobe_angle, 1.0 * r_lobe)
-    lobe = _ramp((r_lobe - np.hypot(X - lobe_c[0], Y - lobe_c[1])) / 40.0)
+    lobe = _ramp((r_lobe - np.hypot(X - lobe_c[0], Y - lobe_c[1])) / (40.0 * ls))
     maps["lobe"] = lobe
     # cortex-like outer band, outside the lobe
     cortex_depth = 0.2 * small
-    maps["cortex"] = _ramp((cortex_depth - depth) / 40.0) * (1.0 - lobe)
+    maps["cortex"] = _ramp((cortex_depth - depth) / (40.0 * ls)) * (1.0 - lobe)
     # white-matter-like curved band
     t = np.linspace(np.deg2rad(200), np.deg2rad(335), 90) + rng.normal(0, 0.03)
     core_pts = np.stack([0.05 * a + 0.55 * a * np.cos(t), 0.30 * b + 0.55 * b * np.sin(t)], 1)
     core = np.zeros(shape, np.float32)
     p0, p1 = _polyline(core_pts)
-    _stamp(canvas, core, p0, p1, np.full(len(p0), 0.08 * b), 40.0)
+    _stamp(canvas, core, p0, p1, np.full(len(p0), 0.08 * b), 40.0 * ls)
     maps["core"] = core
     # smooth gradient across the section
     u = np.array([math.cos(0.4), math.sin(0.4)])
@@ -438,10 +514,10 @@ def _draw_section(rng: np.random.Generator, outline: _Outline, preset: Preset
     # fine lines parallel to the boundary (cortical layers), each over its own angular span
     lines = np.zeros(shape, np.float32)
     for k, width in enumerate(preset.line_widths_um):
-        d = cortex_depth * (0.3 + 0.25 * k) + rng.normal(0, 3)
+        d = cortex_depth * (0.3 + 0.25 * k) + rng.normal(0, 3.0 * ls)
         start = lobe_angle + 0.7 + rng.uniform(0, 0.6)
         span = rng.uniform(2.6, 4.0)
-        th = np.linspace(start, start + span, max(20, int(span * a / 15)))
+        th = np.linspace(start, start + span, max(20, int(span * a / (15.0 * ls))))
         r = outline.radius(th) - d
         p0, p1 = _polyline(np.stack([r * np.cos(th), r * np.sin(th)], 1))
         _stamp(canvas, lines, p0, p1, np.full(len(p0), width / 2), step)
@@ -451,7 +527,8 @@ def _draw_section(rng: np.random.Generator, outline: _Outline, preset: Preset
     normal = np.array([math.cos(lobe_angle + 0.3), math.sin(lobe_angle + 0.3)])
     along = np.array([-normal[1], normal[0]])
     n_half = int(0.85 * r_lobe // preset.stripe_spacing_um)
-    offs = preset.stripe_spacing_um * np.arange(-n_half, n_half + 1) + rng.uniform(-10, 10)
+    offs = (preset.stripe_spacing_um * np.arange(-n_half, n_half + 1)
+            + rng.uniform(-10.0 * ls, 10.0 * ls))
     half_len = 0.9 * np.sqrt(np.clip(r_lobe ** 2 - offs ** 2, 0, None))
     keep = half_len > 0
     offs, half_len = offs[keep], half_len[keep]
@@ -475,7 +552,7 @@ def _draw_section(rng: np.random.Generator, outline: _Outline, preset: Preset
     _stamp(canvas, dots_b, pts, pts, rng.uniform(*preset.dot_diameter_um, size=len(pts)) / 2, step)
     maps["dots_b"] = dots_b
     # ToF-SIMS-only: salt rim at the edge, potassium field
-    maps["rim"] = _ramp((35.0 - depth) / 10.0)
+    maps["rim"] = _ramp((35.0 * ls - depth) / (10.0 * ls))
     u2 = np.array([math.cos(2.0), math.sin(2.0)])
     maps["k_field"] = 0.3 + 0.7 * np.clip(((X * u2[0] + Y * u2[1]) / b + 1) / 2, 0, 1)
 
@@ -580,29 +657,39 @@ def _isotopes(mz: float, n_carbon: int | None = None) -> list[tuple[float, float
     return [(mz, 1.0), (mz + ISOTOPE_SPACING, r1), (mz + 2 * ISOTOPE_SPACING, r2)]
 
 
-def _peak_table(species: list[Species], kind: int):
-    """Peaks of the species seen by modality ``kind``: mz (p,), species index (p,), counts (p,)."""
+def _species_isotopes(sp: Species, mz_shift: float = 0.0) -> list[tuple[float, float]]:
+    """Isotope peaks of ``sp`` at its m/z plus ``mz_shift`` (Da); the pattern (carbon number)
+    stays that of the unshifted ion, so a shift changes nothing but the masses."""
+    return _isotopes(sp.mz + mz_shift, round(sp.mz / 18.0))
+
+
+def _peak_table(species: list[Species], kind: int, mz_shift: float = 0.0):
+    """Peaks of the species seen by modality ``kind`` (m/z shifted by ``mz_shift`` Da):
+    mz (p,), species index (p,), counts (p,)."""
     mz, idx, rel = [], [], []
     for i, sp in enumerate(species):
         if sp.mz is None or sp.scale[kind] <= 0:
             continue
-        for m, r in _isotopes(sp.mz):
+        for m, r in _species_isotopes(sp, mz_shift):
             mz.append(m)
             idx.append(i)
             rel.append(r * sp.scale[kind])
     return np.array(mz), np.array(idx, int), np.array(rel)
 
 
-def _protected_mz() -> np.ndarray:
-    """Sorted m/z of every modelled peak (noise peaks keep away from them)."""
-    mz = [m for sp in SPECIES if sp.mz is not None for m, _ in _isotopes(sp.mz)]
+def _protected_mz(mz_shift: float = 0.0) -> np.ndarray:
+    """Sorted m/z of every modelled peak, species shifted by ``mz_shift`` Da (noise peaks keep
+    away from them)."""
+    mz = [m for sp in SPECIES if sp.mz is not None for m, _ in _species_isotopes(sp, mz_shift)]
     mz += [m for m0, _, nc in DHB_PEAKS for m, _ in _isotopes(m0, nc)]
     return np.sort(np.array(mz))
 
 
-def _noise_mz(rng, n: int, lo: float, hi: float, avoid_ppm: float = 150.0) -> np.ndarray:
-    """``n`` uniform m/z in [lo, hi] at least ``avoid_ppm`` away from every modelled peak."""
-    protected = _protected_mz()
+def _noise_mz(rng, n: int, lo: float, hi: float, avoid_ppm: float = 150.0,
+              mz_shift: float = 0.0) -> np.ndarray:
+    """``n`` uniform m/z in [lo, hi] at least ``avoid_ppm`` away from every modelled peak (species
+    shifted by ``mz_shift`` Da)."""
+    protected = _protected_mz(mz_shift)
     mz = rng.uniform(lo, hi, size=n)
     for _ in range(100):
         j = np.clip(np.searchsorted(protected, mz), 1, len(protected) - 1)
@@ -629,7 +716,8 @@ def _smooth_field(rng, xy_um: np.ndarray, amplitude: float, length_um: float,
 
 def _centroid_spectra(rng, expected: np.ndarray, peak_mz: np.ndarray, *, min_count: int,
                       ppm_pixel: np.ndarray, ppm_peak_sd: float, ppm_clip: float | None,
-                      noise_rate: float, noise_range: tuple, noise_mean: float):
+                      noise_rate: float, noise_range: tuple, noise_mean: float,
+                      mz_shift: float = 0.0):
     """Poisson-sample centroided spectra and assemble them as CSR.
 
     Parameters
@@ -644,6 +732,8 @@ def _centroid_spectra(rng, expected: np.ndarray, peak_mz: np.ndarray, *, min_cou
         Clip total errors to +-``ppm_clip``.
     noise_rate, noise_range, noise_mean
         Noise peaks per pixel (1 + Poisson(noise_rate)), their m/z range and mean intensity.
+    mz_shift : float
+        Shift (Da) of the species' m/z; noise peaks keep away from the shifted peaks.
 
     Returns
     -------
@@ -659,7 +749,7 @@ def _centroid_spectra(rng, expected: np.ndarray, peak_mz: np.ndarray, *, min_cou
     inten = counts[rows, cols].astype(np.float32)
     n_noise = 1 + rng.poisson(noise_rate, size=n)
     nrows = np.repeat(np.arange(n), n_noise)
-    nmz = _noise_mz(rng, len(nrows), *noise_range)
+    nmz = _noise_mz(rng, len(nrows), *noise_range, mz_shift=mz_shift)
     ninten = np.round(1 + rng.exponential(noise_mean, size=len(nrows))).astype(np.float32)
     rows = np.concatenate([rows, nrows])
     mz = np.concatenate([mz, nmz])
@@ -731,6 +821,53 @@ def _check_args(outdir, preset, seed, chain, tile_px, n_sections) -> tuple:
     return Path(outdir), PRESETS[preset], chain
 
 
+#: Range of :func:`generate_study`'s ``mz_shift`` (Da): the lipids (m/z 700-860) stay above the
+#: DHB matrix peaks (m/z 137-277) and below m/z 1900.
+MZ_SHIFT_RANGE = (-300.0, 1000.0)
+#: Least distance (ppm) a (shifted) target keeps from every other modelled peak.
+MIN_TARGET_SEPARATION_PPM = 300.0
+
+
+def target_separation_ppm(mz_shift: float = 0.0) -> float:
+    """Least distance (ppm) between a target (shifted by ``mz_shift`` Da) and any other modelled
+    peak: species isotopes (shifted alike) and DHB matrix isotopes (not shifted)."""
+    peaks = _protected_mz(mz_shift)
+    gaps = []
+    for t in np.asarray(DEMO_TARGETS) + mz_shift:
+        d = np.abs(peaks - t)
+        gaps.append(d[d > t * 1e-9].min() / t * 1e6)
+    return float(min(gaps))
+
+
+def _check_options(p: Preset, pixel_size_um, tof_field_px, state_tof_pixel_size, mz_shift
+                   ) -> tuple:
+    """Validate :func:`generate_study`'s study options; return (preset, tof_field_px,
+    state_tof_pixel_size, mz_shift) normalised (the preset scaled to ``pixel_size_um``)."""
+    if pixel_size_um is not None:
+        p = scaled_preset(p, pixel_size_um)
+    if tof_field_px is not None:
+        if isinstance(tof_field_px, (bool, np.bool_)) or \
+                not isinstance(tof_field_px, (int, np.integer)) or not 8 <= tof_field_px <= 4000:
+            raise InputError(f"phantom tof_field_px must be an integer in 8..4000 (ToF-SIMS "
+                             f"pixels), not {tof_field_px!r}")
+        tof_field_px = int(tof_field_px)
+    if not isinstance(state_tof_pixel_size, (bool, np.bool_)):
+        raise InputError(f"phantom state_tof_pixel_size must be True or False, not "
+                         f"{state_tof_pixel_size!r}")
+    if isinstance(mz_shift, (bool, np.bool_)) or not isinstance(mz_shift, (int, float, np.integer,
+                                                                           np.floating)):
+        raise InputError(f"phantom mz_shift must be a number (Da), not {mz_shift!r}")
+    mz_shift = float(mz_shift)
+    lo, hi = MZ_SHIFT_RANGE
+    if not (math.isfinite(mz_shift) and lo <= mz_shift <= hi):
+        raise InputError(f"phantom mz_shift must lie in [{lo:g}, {hi:g}] Da, not {mz_shift!r}")
+    gap = target_separation_ppm(mz_shift)
+    if gap < MIN_TARGET_SEPARATION_PPM:
+        raise InputError(f"phantom mz_shift {mz_shift:g} Da brings a target within {gap:.0f} ppm "
+                         f"of another modelled peak (at least {MIN_TARGET_SEPARATION_PPM:g})")
+    return p, tof_field_px, bool(state_tof_pixel_size), mz_shift
+
+
 @dataclasses.dataclass
 class _Acquisition:
     """One section as seen by one modality.
@@ -764,8 +901,17 @@ class _Acquisition:
         return a
 
 
-def _layout(seed: int, p: Preset, outlines: list[_Outline], n_kinds: int):
+def _layout(seed: int, p: Preset, outlines: list[_Outline], n_kinds: int,
+            tof_field_px: int | None = None):
     """Place every section in every acquisition.
+
+    Parameters
+    ----------
+    tof_field_px : int, optional
+        Side of the ToF-SIMS field of view in its pixels (default ``p.tof_fov_um`` / pixel). The
+        depth of the field centre inside the tissue scales with the field's side (as
+        ``p.tof_depth_um`` to ``p.tof_fov_um``), so that the field holds the preset's mix of
+        tissue and slide.
 
     Returns
     -------
@@ -796,43 +942,125 @@ def _layout(seed: int, p: Preset, outlines: list[_Outline], n_kinds: int):
     # the lobe, so that it holds a piece of the edge, of the lobe and of the cortex
     for si, outline in enumerate(outlines if n_kinds > 2 else []):
         px = p.pixel_um[2]
-        n = int(round(p.tof_fov_um / px))
+        if tof_field_px is None:
+            n, depth = int(round(p.tof_fov_um / px)), p.tof_depth_um
+        else:
+            n = int(tof_field_px)
+            depth = p.tof_depth_um * (n * px) / p.tof_fov_um
         rng = _rng(seed, 2, si, 2)
         phi = rng.uniform(0, 2 * np.pi)
         theta = outline.lobe[0] + rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 0.6)
-        centre = outline.point(theta, p.tof_depth_um)
+        centre = outline.point(theta, depth)
         half = px * (n - 1) / 2
         t = centre - _rotation(phi) @ np.array([half, half])
         acq[si, 2] = _Acquisition(_affine(px, phi, t), (0, n, 0, n))
     return acq, ref_shape
 
 
-def _reference_spectra(rng, foot: np.ndarray, xy: np.ndarray, px: float):
-    """Centroided reference spectra (CSR) of pixels with structure footprints ``foot`` (n, S)."""
-    mz_pk, sp_pk, rel_pk = _peak_table(list(SPECIES), 0)
+#: Limits of a valid ToF-SIMS field: (least, most) fraction of its area on tissue, most of the
+#: section's tissue it may hold, most of its area outside the MALDI-like acquisition. The shipped
+#: presets give 0.53-0.85 on tissue, 0.18-0.29 of the tissue and 0-0.26 outside the MALDI-like
+#: acquisition (its slide corners: the MALDI-like acquisition covers the section plus a margin).
+TOF_FIELD_LIMITS = (0.2, 0.95, 0.9, 0.5)
+
+
+def _inside(outline: _Outline, q: np.ndarray) -> np.ndarray:
+    """Whether section-frame points ``q`` (n, 2) (um) lie inside the tissue outline."""
+    return outline.radius(np.arctan2(q[:, 1], q[:, 0])) > np.hypot(q[:, 0], q[:, 1])
+
+
+def _in_rect(a: _Acquisition, q: np.ndarray) -> np.ndarray:
+    """Whether section-frame points ``q`` (n, 2) (um) lie in the pixel footprints of ``a``."""
+    xy = (q - a.affine[:, 2]) @ np.linalg.inv(a.affine[:, :2]).T
+    ny, nx = a.shape
+    return np.all((xy >= -0.5) & (xy <= np.array([nx, ny]) - 0.5), axis=1)
+
+
+def _tof_field_fractions(outline: _Outline, tof: _Acquisition, maldi: _Acquisition | None = None,
+                        n_samples: int = 64) -> tuple[float, float, float]:
+    """Describe a ToF-SIMS field of view from the outline (``n_samples``^2 points per area).
+
+    Returns
+    -------
+    on_tissue : float
+        Fraction of the field's area on tissue.
+    share : float
+        Fraction of the section's tissue inside the field.
+    outside_maldi : float
+        Fraction of the field's area outside the MALDI-like acquisition (0 without ``maldi``).
+    """
+    u = (np.arange(n_samples) + 0.5) / n_samples
+    ny, nx = tof.shape
+    g = np.stack(np.meshgrid(u * nx - 0.5, u * ny - 0.5), -1).reshape(-1, 2)
+    field = g @ tof.affine[:, :2].T + tof.affine[:, 2]
+    poly = outline.polygon()
+    lo, hi = poly.min(0), poly.max(0)
+    sec = lo + (hi - lo) * np.stack(np.meshgrid(u, u), -1).reshape(-1, 2)
+    sec = sec[_inside(outline, sec)]
+    outside = 0.0 if maldi is None else float(1.0 - _in_rect(maldi, field).mean())
+    return float(_inside(outline, field).mean()), float(_in_rect(tof, sec).mean()), outside
+
+
+def _check_tof_field(outline: _Outline, tof: _Acquisition, maldi: _Acquisition | None,
+                     section: str) -> None:
+    """The ToF-SIMS field must hold tissue and slide (an edge), only part of the section, and lie
+    mostly inside the MALDI-like acquisition (all its tissue does: that one covers the section).
+
+    Raises
+    ------
+    InputError
+        Naming ``tof_field_px`` / ``pixel_size_um`` (the field's size in um).
+    """
+    on, share, outside = _tof_field_fractions(outline, tof, maldi)
+    lo_on, hi_on, hi_share, hi_out = TOF_FIELD_LIMITS
+    log.debug("phantom: %s ToF-SIMS field %s px: %.2f on tissue, %.2f of the tissue, %.2f outside "
+              "the MALDI-like acquisition", section, tof.shape, on, share, outside)
+    if not (lo_on <= on <= hi_on and share <= hi_share and outside <= hi_out):
+        side = tof.shape[0] * math.hypot(*tof.affine[:, 0])
+        raise InputError(
+            f"phantom tof_field_px / pixel_size_um: the {tof.shape[0]} px ({side:g} um) ToF-SIMS "
+            f"field of section {section} does not fit the section: {on:.2f} of it on tissue "
+            f"(need {lo_on:g}-{hi_on:g}), {share:.2f} of the tissue in it (at most {hi_share:g}), "
+            f"{outside:.2f} outside the MALDI-like acquisition (at most {hi_out:g}); choose a "
+            f"smaller field")
+
+
+def _reference_spectra(rng, foot: np.ndarray, xy: np.ndarray, px: float, *,
+                       length_scale: float = 1.0, mz_shift: float = 0.0):
+    """Centroided reference spectra (CSR) of pixels with structure footprints ``foot`` (n, S);
+    TIC-field wavelengths scale with ``length_scale``, species m/z and noise range shift by
+    ``mz_shift`` Da."""
+    mz_pk, sp_pk, rel_pk = _peak_table(list(SPECIES), 0, mz_shift)
     abund = foot @ _weights(list(SPECIES)).T                          # (n, n_species)
-    tic = _smooth_field(rng, xy * px, 0.35, 1500.0) * np.exp(rng.normal(0, 0.05, size=len(xy)))
+    tic = (_smooth_field(rng, xy * px, 0.35, 1500.0 * length_scale)
+           * np.exp(rng.normal(0, 0.05, size=len(xy))))
     return _centroid_spectra(rng, abund[:, sp_pk] * rel_pk * tic[:, None], mz_pk, min_count=3,
                              ppm_pixel=rng.normal(0, 0.6, size=len(xy)), ppm_peak_sd=0.5,
-                             ppm_clip=2.0, noise_rate=5.0, noise_range=(600.0, 900.0),
-                             noise_mean=8.0)
+                             ppm_clip=2.0, noise_rate=5.0,
+                             noise_range=(600.0 + mz_shift, 900.0 + mz_shift), noise_mean=8.0,
+                             mz_shift=mz_shift)
 
 
-def _maldi_spectra(rng, foot: np.ndarray, xy: np.ndarray, px: float):
-    """Centroided MALDI-like spectra (CSR) and the calibration error (ppm) of the acquisition."""
-    mz_pk, sp_pk, rel_pk = _peak_table(list(SPECIES), 1)
+def _maldi_spectra(rng, foot: np.ndarray, xy: np.ndarray, px: float, *,
+                   length_scale: float = 1.0, mz_shift: float = 0.0):
+    """Centroided MALDI-like spectra (CSR) and the calibration error (ppm) of the acquisition;
+    TIC-field wavelengths scale with ``length_scale``, species m/z shift by ``mz_shift`` Da (the
+    DHB matrix peaks do not; the noise range reaches 1000 Da + a positive shift)."""
+    mz_pk, sp_pk, rel_pk = _peak_table(list(SPECIES), 1, mz_shift)
     mat = [(m, 250.0 * r0 * r) for m0, r0, nc in DHB_PEAKS for m, r in _isotopes(m0, nc)]
     mat_mz, mat_rel = (np.array(v) for v in zip(*mat))
     abund = foot @ _weights(list(SPECIES)).T
-    tic = _smooth_field(rng, xy * px, 0.25, 1200.0) * np.exp(rng.normal(0, 0.2, size=len(xy)))
+    tic = (_smooth_field(rng, xy * px, 0.25, 1200.0 * length_scale)
+           * np.exp(rng.normal(0, 0.2, size=len(xy))))
     # matrix everywhere on the slide, suppressed on tissue, crystal-to-crystal variation
     matrix = (1.0 - 0.7 * foot[:, 0]) * np.exp(rng.normal(0, 0.35, size=len(xy)))
     expected = np.hstack([abund[:, sp_pk] * rel_pk * tic[:, None], matrix[:, None] * mat_rel])
     cal = rng.uniform(15.0, 25.0) * rng.choice([-1.0, 1.0])
     csr = _centroid_spectra(rng, expected, np.concatenate([mz_pk, mat_mz]), min_count=1,
                             ppm_pixel=cal + rng.normal(0, 3.0, size=len(xy)), ppm_peak_sd=1.5,
-                            ppm_clip=None, noise_rate=8.0, noise_range=(100.0, 1000.0),
-                            noise_mean=5.0)
+                            ppm_clip=None, noise_rate=8.0,
+                            noise_range=(100.0, 1000.0 + max(mz_shift, 0.0)), noise_mean=5.0,
+                            mz_shift=mz_shift)
     return csr, cal
 
 
@@ -845,9 +1073,10 @@ def _tofsims_counts(rng, foot: np.ndarray, xy: np.ndarray, tile_px: int) -> np.n
     return rng.poisson(expected).astype(np.float32)
 
 
-def _truth_weights(targets: np.ndarray, ppm: float) -> np.ndarray:
-    """(T, n_species): reference counts per unit abundance within +-ppm of each target."""
-    mz_pk, sp_pk, rel_pk = _peak_table(list(SPECIES), 0)
+def _truth_weights(targets: np.ndarray, ppm: float, mz_shift: float = 0.0) -> np.ndarray:
+    """(T, n_species): reference counts per unit abundance within +-ppm of each target (species
+    m/z shifted by ``mz_shift`` Da, like the targets)."""
+    mz_pk, sp_pk, rel_pk = _peak_table(list(SPECIES), 0, mz_shift)
     w = np.zeros((len(targets), len(SPECIES)))
     for ti, t in enumerate(targets):
         hit = np.abs(mz_pk - t) <= t * ppm * 1e-6
@@ -856,10 +1085,13 @@ def _truth_weights(targets: np.ndarray, ppm: float) -> np.ndarray:
 
 
 def _write_truth(path: Path, section: str, chain: tuple, acqs: list[_Acquisition],
-                 p: Preset, outdir: Path) -> dict:
-    """Write ``truth/{section}.h5``; return {modality: rotation (deg) relative to the reference}."""
-    targets = np.array(DEMO_TARGETS, dtype=np.float64)
-    to_ion = _weights(list(SPECIES)).T @ _truth_weights(targets, DEMO_PPM).T     # (S, T)
+                 p: Preset, outdir: Path, mz_shift: float = 0.0) -> dict:
+    """Write ``truth/{section}.h5``; return {modality: rotation (deg) relative to the reference}.
+
+    Targets are :data:`DEMO_TARGETS` shifted by ``mz_shift`` Da; pixel sizes those of ``p``.
+    """
+    targets = np.array(DEMO_TARGETS, dtype=np.float64) + mz_shift
+    to_ion = _weights(list(SPECIES)).T @ _truth_weights(targets, DEMO_PPM, mz_shift).T  # (S, T)
     a_ref = acqs[0].roi_affine()
     rotations = {}
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
@@ -867,7 +1099,7 @@ def _write_truth(path: Path, section: str, chain: tuple, acqs: list[_Acquisition
         f.attrs["reference"] = chain[0]
         f.attrs["targets_mz"] = targets
         f.attrs["ppm"] = DEMO_PPM
-        f.attrs["reference_only_mz"] = REFERENCE_ONLY_MZ
+        f.attrs["reference_only_mz"] = REFERENCE_ONLY_MZ + mz_shift
         for k, a in enumerate(acqs):
             ion = (a.foot @ to_ion).T.reshape((len(targets),) + a.shape)
             matrix = _compose_inverse(a_ref, a.roi_affine())
@@ -886,7 +1118,8 @@ def _write_truth(path: Path, section: str, chain: tuple, acqs: list[_Acquisition
 
 def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
                    chain=("fticr", "maldi", "tofsims"), tile_px: int = 40,
-                   n_sections: int = 2) -> dict:
+                   n_sections: int = 2, pixel_size_um=None, tof_field_px: int | None = None,
+                   state_tof_pixel_size: bool = False, mz_shift: float = 0.0) -> dict:
     """Write a phantom multi-section multimodal MSI study with ground truth.
 
     Parameters
@@ -904,6 +1137,26 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         ToF-SIMS tile size (pixels) of the multiplicative gain grid anchored at pixel (0, 0).
     n_sections : int
         Number of tissue sections (ids ``s01``, ``s02``, ...).
+    pixel_size_um : sequence of 3 float, optional
+        Pixel sizes (um) of the reference, MALDI-like and ToF-SIMS-like acquisitions instead of
+        the preset's, e.g. ``(8, 2, 1)``. Every length of the preset scales by (new reference
+        pixel / preset reference pixel), so the study keeps about the preset's pixel counts,
+        run time and file sizes (see :func:`scaled_preset` for the rules).
+    tof_field_px : int, optional
+        Side of the square ToF-SIMS field of view in ToF-SIMS pixels (default: the preset's
+        ``tof_fov_um`` / pixel), e.g. 120 with ``tile_px=40`` for 3 x 3 tiles. Its centre lies
+        inside the tissue at a depth proportional to its side (as in the preset). The field must
+        hold both tissue and slide (a tissue edge), at most 90 % of the section's tissue, and lie
+        at least half inside the MALDI-like acquisition (:data:`TOF_FIELD_LIMITS`) in every
+        section: InputError otherwise.
+    state_tof_pixel_size : bool
+        Write the ToF-SIMS pixel size into its imzML files (by default they state none, unlike
+        the other modalities).
+    mz_shift : float
+        Offset (Da) added to the m/z of every species in the reference and MALDI-like spectra
+        and to the targets; the DHB matrix peaks and the ToF-SIMS unit-mass channels stay. Within
+        [-300, 1000] Da, so the lipids stay above the matrix peaks and every target keeps at least
+        300 ppm from any other modelled peak.
 
     Returns
     -------
@@ -914,23 +1167,45 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         modality, ``files`` (section -> modality -> imzML path), ``shapes`` (imzML file name ->
         (ny, nx)), ``rois`` (section -> modality -> roi text), ``truth`` (section -> path),
         ``rotation_deg`` (section -> modality -> rotation relative to the reference), ``tile_px``,
-        ``seed``, ``preset``, ``seconds``.
+        ``seed``, ``preset``, ``seconds``; and what describes the options: ``tof_field_px``
+        (None without a ToF-SIMS-like modality), ``mz_shift`` (Da), ``states_pixel_size``
+        (modality -> whether its imzML states its pixel size), ``canvas_um`` and
+        ``length_scale`` (the lengths' factor with respect to the named preset).
+
+    Raises
+    ------
+    InputError
+        A bad argument (the message names it).
     """
     t_start = time.perf_counter()
     outdir, p, chain = _check_args(outdir, preset, seed, chain, tile_px, n_sections)
     tile_px, n_sections, seed = int(tile_px), int(n_sections), int(seed)
+    p, tof_field_px, state_tof_pixel_size, mz_shift = _check_options(
+        p, pixel_size_um, tof_field_px, state_tof_pixel_size, mz_shift)
     imz_dir = outdir / "imzml"
     sections = [f"s{i + 1:02d}" for i in range(n_sections)]
     key = f"msifusion-phantom:{preset}:{seed}"
+    if len(chain) < 3 or tof_field_px == int(round(p.tof_fov_um / p.pixel_um[2])):
+        tof_field_px = None                                       # the preset's own field
+    # a study that differs from the preset's gets its own file UUIDs
+    options = {"px": ",".join(f"{v:g}" for v in p.pixel_um) if p != PRESETS[preset] else None,
+               "tof": tof_field_px, "state": state_tof_pixel_size or None,
+               "shift": mz_shift or None}
+    if any(v is not None for v in options.values()):
+        key += ":" + ":".join(f"{k}={v}" for k, v in options.items() if v is not None)
 
-    outlines, canvases = [], []
+    # outlines and layout first: a ToF-SIMS field that does not fit fails before the drawing
+    rngs = [_rng(seed, 1, si) for si in range(n_sections)]
+    outlines = [_random_outline(rng, p) for rng in rngs]
+    acq, ref_shape = _layout(seed, p, outlines, len(chain), tof_field_px)
+    if len(chain) > 2:
+        for si, sec in enumerate(sections):
+            _check_tof_field(outlines[si], acq[si, 2], acq[si, 1], sec)
+    canvases = []
     for si, sec in enumerate(sections):
-        rng = _rng(seed, 1, si)
-        outlines.append(_random_outline(rng, p))
-        canvases.append(_draw_section(rng, outlines[-1], p))
+        canvases.append(_draw_section(rngs[si], outlines[si], p))
         log.info("phantom: drew section %s (canvas %s px at %g um)", sec, canvases[-1][0].shape,
                  p.canvas_um)
-    acq, ref_shape = _layout(seed, p, outlines, len(chain))
     for (si, k), a in acq.items():
         xy = _grid_xy(a.shape[1], a.shape[0]) + [a.roi[0], a.roi[2]]
         a.foot = _footprint_average(*canvases[si], a.affine, xy, _n_sub(p.pixel_um[k], p.canvas_um))
@@ -944,7 +1219,8 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         x0, x1, y0, y1 = acq[si, 0].roi
         foot[(xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)] = \
             acq[si, 0].foot
-    csr = _reference_spectra(_rng(seed, 3, 0, 0), foot, xy, p.pixel_um[0])
+    csr = _reference_spectra(_rng(seed, 3, 0, 0), foot, xy, p.pixel_um[0],
+                             length_scale=p.length_scale, mz_shift=mz_shift)
     path = imz_dir / f"{chain[0]}_sections.imzML"
     write_imzml(path, xy, *csr, mode="processed", pixel_size_um=p.pixel_um[0],
                 spectrum_type="centroid", uuid_key=f"{key}:{path.name}")
@@ -960,7 +1236,8 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         xy = _grid_xy(a.shape[1], a.shape[0])
         a.path = imz_dir / f"{chain[k]}_{sections[si]}.imzML"
         if k == 1:
-            csr, cal = _maldi_spectra(rng, a.foot, xy, p.pixel_um[1])
+            csr, cal = _maldi_spectra(rng, a.foot, xy, p.pixel_um[1],
+                                      length_scale=p.length_scale, mz_shift=mz_shift)
             write_imzml(a.path, xy, *csr, mode="processed", pixel_size_um=p.pixel_um[1],
                         spectrum_type="centroid", uuid_key=f"{key}:{a.path.name}")
             log.info("phantom: wrote %s (%d pixels, %d peaks, calibration %+.1f ppm)", a.path,
@@ -968,7 +1245,8 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         else:
             counts = _tofsims_counts(rng, a.foot, xy, tile_px)
             write_imzml(a.path, xy, np.arange(len(xy) + 1) * len(TOF_MZ), None, counts.ravel(),
-                        mode="continuous", mz_axis=TOF_MZ, pixel_size_um=None,
+                        mode="continuous", mz_axis=TOF_MZ,
+                        pixel_size_um=p.pixel_um[2] if state_tof_pixel_size else None,
                         spectrum_type="profile", uuid_key=f"{key}:{a.path.name}")
             log.info("phantom: wrote %s (%d pixels, mean %.0f counts per pixel)", a.path, len(xy),
                      counts.sum(1).mean())
@@ -992,12 +1270,13 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
     for si, sec in enumerate(sections):
         path = outdir / "truth" / f"{sec}.h5"
         rotations[sec] = _write_truth(path, sec, chain, [acq[si, k] for k in range(len(chain))],
-                                      p, outdir)
+                                      p, outdir, mz_shift)
         truth[sec] = str(path)
 
     seconds = time.perf_counter() - t_start
     log.info("phantom: study %s written in %.1f s", outdir, seconds)
     by_mz = {sp.mz: sp.name for sp in SPECIES if sp.mz is not None}
+    states = {name: k < 2 or state_tof_pixel_size for k, name in enumerate(chain)}
     return {
         "outdir": str(outdir),
         "sections_sheet": str(sheet),
@@ -1005,11 +1284,11 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         "chain": list(chain),
         "kinds": {name: KINDS[k] for k, name in enumerate(chain)},
         "reference": chain[0],
-        "targets_mz": [float(t) for t in DEMO_TARGETS],
+        "targets_mz": [float(t + mz_shift) for t in DEMO_TARGETS],
         "ppm": DEMO_PPM,
-        "reference_only_mz": REFERENCE_ONLY_MZ,
-        "targets": [{"mz": float(t), "name": by_mz[t], "reference_only": t == REFERENCE_ONLY_MZ}
-                    for t in DEMO_TARGETS],
+        "reference_only_mz": REFERENCE_ONLY_MZ + mz_shift,
+        "targets": [{"mz": float(t + mz_shift), "name": by_mz[t],
+                     "reference_only": t == REFERENCE_ONLY_MZ} for t in DEMO_TARGETS],
         "pixel_size_um": {name: float(p.pixel_um[k]) for k, name in enumerate(chain)},
         "species": {name: [sp.name for sp in SPECIES if sp.scale[k] > 0]
                     for k, name in enumerate(chain)},
@@ -1020,6 +1299,11 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         "truth": truth,
         "rotation_deg": rotations,
         "tile_px": tile_px,
+        "tof_field_px": acq[0, 2].shape[0] if len(chain) > 2 else None,
+        "mz_shift": mz_shift,
+        "states_pixel_size": states,
+        "canvas_um": float(p.canvas_um),
+        "length_scale": float(p.length_scale),
         "seed": seed,
         "preset": preset,
         "seconds": seconds,

@@ -48,6 +48,7 @@ from scipy import ndimage as ndi
 
 from .affine import _wrap_deg, chain_to_reference, compose, invert, pose, transform_points
 from .errors import InputError
+from .schema import default
 
 log = logging.getLogger("msifusion.register")
 
@@ -827,17 +828,17 @@ def register_pair(
     fine_mask: np.ndarray,
     fine_px_um: float,
     *,
-    model: str = "rigid",
-    n_starts: int = 36,
-    mirror: bool = False,
-    iterations: int = 60,
-    min_score: float = 0.5,
-    min_margin: float = 0.05,
+    model: str = default("registration.model"),
+    n_starts: int = default("registration.n_starts"),
+    mirror: bool = default("registration.mirror"),
+    iterations: int = default("registration.iterations"),
+    min_score: float = default("registration.min_score"),
+    min_margin: float = default("registration.min_margin"),
     min_ncc: float = 0.55,
     min_boundary: float = 0.75,
     n_refine: int = 4,
     check_mirror: bool = True,
-    seed: int = 0,
+    seed: int = default("seed"),
     device: str | torch.device | None = None,
     coarse_channels: np.ndarray | None = None,
     fine_channels: np.ndarray | None = None,

@@ -21,6 +21,8 @@ from .errors import InputError
 
 FORMAT = "msifusion-converted"
 FORMAT_VERSION = 2
+#: Format attribute of an NMF file (:func:`write_nmf`).
+NMF_FORMAT = "msifusion-nmf"
 #: Number of values per HDF5 chunk of the m/z and intensity arrays.
 CHUNK_VALUES = 1 << 18
 #: Suffix of the temporary files of :func:`atomic_output` (``.{name}.XXXXXXXX.part``).
@@ -299,7 +301,17 @@ class ConvertedReader:
         return out
 
     def to_image(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
-        """Scatter per-pixel ``values`` (n_pixels, ...) onto the acquisition grid (ny, nx, ...)."""
+        """Scatter per-pixel ``values`` (n_pixels, ...) onto the acquisition grid (ny, nx, ...).
+
+        Raises
+        ------
+        InputError
+            The file holds several z planes: one image would silently merge them.
+        """
+        planes = np.unique(self.z)
+        if len(planes) > 1:
+            raise InputError(f"{self.path}: {len(planes)} z planes; an image holds one plane "
+                             "(write each plane as its own imzML)")
         values = np.asarray(values)
         img = np.full(self.image_shape + values.shape[1:], fill, dtype=np.result_type(values, np.float32))
         img[self.xy[:, 1], self.xy[:, 0]] = values
@@ -322,3 +334,75 @@ def plain_attr(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# NMF file (written by msifusion.nmf.run_nmf, read by grid removal and crop)
+# ---------------------------------------------------------------------------------------------
+
+def write_nmf(path, *, spectra: np.ndarray, mz: np.ndarray, errors: np.ndarray,
+              maps: dict[str, np.ndarray], map_attrs: dict[str, dict] | None = None,
+              attrs: dict | None = None) -> None:
+    """Write an NMF file (layout in ``docs/design.md``) atomically.
+
+    Parameters
+    ----------
+    path : path-like
+    spectra : ndarray, shape (k, n_mz)
+    mz : ndarray, shape (n_mz,)
+    errors : ndarray, shape (n_iter,)
+    maps : dict file_id -> ndarray (k, ny, nx)
+        Component maps on each file's acquisition grid, NaN where not acquired.
+    map_attrs : dict file_id -> dict, optional
+        Attributes of each ``/maps/{file_id}`` dataset (``source``, ``pixel_size_um``).
+    attrs : dict, optional
+        Root attributes (``modality``, ``rank``, ``backend``, ``seed``, ``normalize``, ...).
+    """
+    map_attrs = map_attrs or {}
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("spectra", data=np.asarray(spectra, dtype=np.float32))
+        f.create_dataset("mz", data=np.asarray(mz, dtype=np.float64))
+        f.create_dataset("errors", data=np.asarray(errors, dtype=np.float64))
+        g = f.create_group("maps")
+        for fid, stack in maps.items():
+            stack = np.asarray(stack, dtype=np.float32)
+            chunks = (1,) + tuple(min(s, 256) for s in stack.shape[1:]) if stack.size else None
+            d = g.create_dataset(fid, data=stack, chunks=chunks, compression="gzip",
+                                 compression_opts=1)
+            for key, value in map_attrs.get(fid, {}).items():
+                d.attrs[key] = "" if value is None else value
+        f.attrs["format"] = NMF_FORMAT
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = "" if value is None else value
+
+
+def read_nmf(path) -> dict:
+    """Read an NMF file.
+
+    Returns
+    -------
+    dict
+        ``spectra`` (k, n_mz) float32, ``mz`` (n_mz,), ``errors`` (n_iter,), ``maps``
+        {file_id: (k, ny, nx) float32}, ``map_attrs`` {file_id: dict}, ``attrs`` dict.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: NMF file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("spectra", "mz", "errors", "maps") if k not in f]
+            if missing:
+                raise InputError(f"{path}: not an NMF file (missing {', '.join(missing)})")
+            out = {"spectra": f["spectra"][:], "mz": f["mz"][:], "errors": f["errors"][:],
+                   "maps": {}, "map_attrs": {},
+                   "attrs": {k: plain_attr(v) for k, v in f.attrs.items()}}
+            for fid, d in f["maps"].items():
+                out["maps"][fid] = d[:]
+                out["map_attrs"][fid] = {k: plain_attr(v) for k, v in d.attrs.items()}
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err
+    k = out["spectra"].shape[0]
+    for fid, stack in out["maps"].items():
+        if stack.ndim != 3 or stack.shape[0] != k:
+            raise InputError(f"{path}: /maps/{fid} has shape {stack.shape}, expected ({k}, ny, nx)")
+    return out

@@ -18,6 +18,8 @@ import logging
 import numpy as np
 from scipy import ndimage as ndi
 
+from .schema import default
+
 log = logging.getLogger("msifusion.tissue")
 
 __all__ = ["tissue_mask", "tissue_mask_from_maps", "label_sections", "propose_rois", "soft_mask"]
@@ -256,9 +258,9 @@ def soft_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
 def tissue_mask_from_maps(
     maps: np.ndarray,
     *,
-    dilation_px: int = 0,
-    min_size_px: int | None = None,
-    seed: int = 0,
+    dilation_px: int = default("tissue.dilation_px"),
+    min_size_px: int | None = default("tissue.min_size_px"),
+    seed: int = default("seed"),
 ) -> np.ndarray:
     """Tissue mask from component maps: two-cluster k-means on signal level and composition.
 

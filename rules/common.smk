@@ -5,15 +5,22 @@ import sys
 # The library lives beside the workflow; make it importable here (jobs do the same in scripts/).
 sys.path.insert(0, workflow.basedir)
 
+from msifusion.codedeps import module_closure
 from msifusion.config import canonical_path, load_study
-from msifusion.store import remove_stale_parts
 from msifusion.errors import InputError
+from msifusion.job import remove_error_markers
+from msifusion.store import remove_stale_parts
 
+# Everything knowable before the first job: config, sheet, files and their .ibd, headers, ROIs,
+# pixel sizes, scan tiles, configured regions, ground truth (msifusion.config.check_study).
 try:
     STUDY = load_study(config, source="config")
 except InputError as err:
     sys.stderr.write(f"msifusion: invalid study: {err}\n")
     raise SystemExit(1)
+if workflow.is_main_process:
+    for line in STUDY.summary():
+        sys.stderr.write(f"msifusion: {line}\n")
 
 config.update(STUDY.config)  # defaults filled in, as snakemake.utils.validate(set_default=True)
 CHAIN = STUDY.chain
@@ -31,11 +38,13 @@ wildcard_constraints:
     file_id="[A-Za-z0-9_.-]+",
 
 
-def lib(module):
-    """A library module as a tracked input: editing it reruns the rules that use it. Relative to
-    the working directory when the workflow lies in it (snakemake records every job's input
-    paths: an absolute path would rerun everything once the project folder is moved)."""
-    return canonical_path(os.path.join(workflow.basedir, "msifusion", f"{module}.py"))
+def code(script):
+    """The library modules a rule's script runs (the import closure of scripts/{script}.py within
+    the package, msifusion.codedeps) as tracked inputs: editing any of them reruns the rule's jobs.
+    Relative to the working directory when the workflow lies in it (snakemake records every job's
+    input paths: an absolute path would rerun everything once the project folder is moved)."""
+    path = os.path.join(workflow.basedir, "scripts", f"{script}.py")
+    return [canonical_path(p) for p in module_closure(path)]
 
 
 def named(**params):
@@ -127,14 +136,39 @@ def reported_product(path):
     return path
 
 
-def all_outputs():
-    out = ["results/registration.tsv"]
+def output_groups():
+    """The workflow's targets as (section or None, files of one job) groups."""
+    groups = [(None, ["results/registration.tsv"])]
     for section in SECTIONS:
-        out += [f"results/{section}/fused_{m}.h5" for m in CHAIN[1:]]
-        out += pair_files(section, "qc", "png") + product_files(section)
-    out += [f"results/nmf/{m}_components.png" for m in CHAIN]
-    if config["export"]["imzml"]:
-        out += [f"results/{s}/fused_{m}.imzML" for s in SECTIONS for m in CHAIN[1:]]
+        groups.append((section, [f"results/{section}/fused_{m}.h5" for m in CHAIN[1:]]))
+        groups += [(section, [f"results/{section}/transform_{c}_{f}.json",
+                              f"results/{section}/qc_{c}_{f}.png"]) for c, f in STUDY.pairs()]
+        groups.append((section, product_files(section)))
+        if config["export"]["imzml"]:
+            groups += [(section, [f"results/{section}/fused_{m}.{ext}" for ext in ("imzML", "ibd")])
+                       for m in CHAIN[1:]]
+    groups += [(None, [f"results/nmf/{m}_components.png"]) for m in CHAIN]
     if config["evaluation"]["truth"]:
-        out.append("results/evaluation.tsv")
-    return out
+        groups.append((None, ["results/evaluation.tsv"]))
+    return groups
+
+
+def report_mode():
+    """``snakemake --report``: the report is made of what the last run produced."""
+    return any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv)
+
+
+def all_outputs():
+    """Every target of the study. For ``--report``, only the jobs whose outputs all exist: after a
+    run in which some sections failed, the report shows the rest and lists those sections (in
+    its front page, through ``config["report_incomplete"]``) instead of failing."""
+    groups = output_groups()
+    if not report_mode():
+        return [path for _, files in groups for path in files]
+    done = [(s, files) for s, files in groups if all(os.path.exists(p) for p in files)]
+    incomplete = sorted({s or "study" for s, files in groups if (s, files) not in done})
+    config["report_incomplete"] = incomplete
+    if incomplete:
+        sys.stderr.write(f"msifusion: report without the missing products of "
+                         f"{', '.join(incomplete)} (failed or not run yet: see logs/)\n")
+    return [path for _, files in done for path in files]

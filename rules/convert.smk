@@ -2,8 +2,8 @@ rule convert:
     """imzML -> HDF5 (CSR over acquired pixels), once per imzML file."""
     input:
         imzml=lambda wc: STUDY.files(wc.modality)[wc.file_id],
-        ibd=lambda wc: os.path.splitext(STUDY.files(wc.modality)[wc.file_id])[0] + ".ibd",
-        code=[lib("convert"), lib("imzml"), lib("store")],
+        ibd=lambda wc: STUDY.ibd(wc.modality, wc.file_id),
+        code=code("convert"),
     output:
         "results/converted/{modality}/{file_id}.h5",
     log:
@@ -12,7 +12,6 @@ rule convert:
         "results/benchmarks/convert/{modality}/{file_id}.tsv"
     params:
         **named(
-            pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
             block_mb=config["convert"]["block_mb"],
             xml_chunk_mb=config["convert"]["xml_chunk_mb"],
             verify_checksum=config["convert"]["verify_checksum"],

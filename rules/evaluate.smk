@@ -5,7 +5,7 @@ rule evaluate:
         fused=[f"results/{s}/fused_{m}.h5" for s in SECTIONS for m in CHAIN[1:]],
         reference=[f"results/converted/{REF}/{STUDY.acquisition(s, REF).file_id}.h5" for s in SECTIONS],
         section_maps=[f"results/{s}/maps_{REF}.h5" for s in SECTIONS],
-        code=lib("evaluate"),
+        code=code("evaluate"),
     output:
         table=report("results/evaluation.tsv", caption=caption("evaluation"),
                      category="Accuracy", subcategory="Against ground truth"),

@@ -3,7 +3,8 @@ rule fuse:
     input:
         maps=lambda wc: [f"results/{wc.section}/maps_{m}.h5" for m in CHAIN],
         transforms=lambda wc: pair_files(wc.section, "transform", "json"),
-        code=[lib("fuse"), lib("pipeline")],
+        targets=f"results/nmf/{REF}.targets.json",
+        code=code("fuse"),
     output:
         fused=[f"results/{{section}}/fused_{m}.h5" for m in CHAIN[1:]],
         report="results/{section}/fusion.json",
@@ -41,7 +42,7 @@ rule products:
         reference=f"results/{{section}}/maps_{REF}.h5",
         fused=[f"results/{{section}}/fused_{m}.h5" for m in CHAIN[1:]],
         masks=lambda wc: [r["mask"] for r in section_rois(wc.section) if "mask" in r],
-        code=[lib("products"), lib("pipeline")],
+        code=code("products"),
     output:
         [reported_product(f) for f in product_files("{section}")],
     log:
@@ -68,7 +69,7 @@ rule export_imzml:
     """A fused product as imzML (reference m/z axis), when export.imzml is set."""
     input:
         fused="results/{section}/fused_{modality}.h5",
-        code=[lib("convert"), lib("imzml")],
+        code=code("export_imzml"),
     output:
         imzml="results/{section}/fused_{modality}.imzML",
         ibd="results/{section}/fused_{modality}.ibd",

@@ -7,7 +7,7 @@ rule mz_axis:
             if MODS[wc.modality]["binning"]["mode"] == "reference"
             else []
         ),
-        code=lib("spectra"),
+        code=code("mz_axis"),
     output:
         "results/nmf/{modality}.axis.h5",
     log:
@@ -30,12 +30,38 @@ rule mz_axis:
         "../scripts/mz_axis.py"
 
 
+rule check_targets:
+    """Every target m/z has a column of the reference's m/z axis within targets.ppm (right after
+    the reference's conversion, long before the fusion needs it)."""
+    input:
+        axis=f"results/nmf/{REF}.axis.h5",
+        code=code("check_targets"),
+    output:
+        f"results/nmf/{REF}.targets.json",
+    log:
+        "logs/check_targets.log",
+    params:
+        **named(
+            targets=TARGETS,
+            ppm=config["targets"]["ppm"],
+            modality=REF,
+        ),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/nmf.yaml"
+    script:
+        "../scripts/check_targets.py"
+
+
 rule nmf:
     """Sparse NMF over all files of one modality: one shared set of components."""
     input:
         converted=lambda wc: converted(wc.modality),
         axis="results/nmf/{modality}.axis.h5",
-        code=[lib("nmf"), lib("spectra")],
+        code=code("nmf"),
     output:
         nmf="results/nmf/{modality}.h5",
         figure=report("results/nmf/{modality}_components.png", caption=caption("nmf"),
@@ -55,7 +81,6 @@ rule nmf:
             max_iter=config["nmf"]["max_iter"],
             tol=config["nmf"]["tol"],
             seed=config["seed"],
-            pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
             device=config["nmf"]["device"],
             memory_gb=config["nmf"]["memory_gb"],
             block_pixels=config["nmf"]["block_pixels"],
@@ -78,7 +103,7 @@ rule degrid:
     """Remove the scan-tile grid (ToF-SIMS) from the component maps."""
     input:
         nmf="results/nmf/{modality}.h5",
-        code=lib("degrid"),
+        code=code("degrid"),
     output:
         nmf="results/nmf/{modality}.degrid.h5",
         figure=report("results/nmf/{modality}_components.degrid.png", caption=caption("nmf"),
@@ -111,7 +136,7 @@ rule degrid_converted:
     """Remove the scan-tile grid from one converted file before NMF (gain, value by value)."""
     input:
         converted="results/converted/{modality}/{file_id}.h5",
-        code=[lib("degrid"), lib("store")],
+        code=code("degrid_converted"),
     output:
         converted="results/converted/{modality}/degrid/{file_id}.h5",
         qc=report("results/converted/{modality}/degrid/{file_id}_qc.png",

@@ -2,7 +2,7 @@ rule crop:
     """One section of one modality: its ROI of the component maps and its tissue mask."""
     input:
         nmf=lambda wc: components(wc.modality),
-        code=[lib("tissue"), lib("pipeline")],
+        code=code("crop"),
     output:
         "results/{section}/maps_{modality}.h5",
     log:
@@ -17,6 +17,7 @@ rule crop:
             auto_index=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_index,
             auto_count=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_count,
             pixel_size_um=lambda wc: MODS[wc.modality]["pixel_size_um"],
+            force_pixel_size=lambda wc: MODS[wc.modality]["force_pixel_size"],
             dilation_px=config["tissue"]["dilation_px"],
             min_size_px=config["tissue"]["min_size_px"],
             seed=config["seed"],
@@ -36,7 +37,7 @@ rule register:
     input:
         coarse="results/{section}/maps_{coarse}.h5",
         fine="results/{section}/maps_{fine}.h5",
-        code=[lib("register"), lib("pipeline")],
+        code=code("register"),
     output:
         transform="results/{section}/transform_{coarse}_{fine}.json",
         qc=report("results/{section}/qc_{coarse}_{fine}.png", caption=caption("registration_qc"),
@@ -73,7 +74,7 @@ rule registration_summary:
     """One table of the registration scores of every section and chain pair (for the report)."""
     input:
         transforms=[f"results/{s}/transform_{c}_{f}.json" for s in SECTIONS for c, f in STUDY.pairs()],
-        code=lib("pipeline"),
+        code=code("registration_summary"),
     output:
         table=report("results/registration.tsv", caption=caption("registration_table"),
                      category="Registration", subcategory="Scores"),

@@ -1,11 +1,11 @@
-"""Snakemake job: scan-tile grid removal (see msifusion.pipeline.degrid_step)."""
+"""Snakemake job: scan-tile grid removal (see msifusion.steps.degrid.degrid_step)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
-from msifusion.config import script_params
-from msifusion.pipeline import degrid_step, run_job
+from msifusion.job import run_job, script_params
+from msifusion.steps.degrid import degrid_step
 
 run_job(snakemake, degrid_step, nmf_in=snakemake.input.nmf, out=snakemake.output.nmf,
         figure=snakemake.output.figure, qc=snakemake.output.qc, report=snakemake.output.report,

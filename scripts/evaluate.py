@@ -5,8 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
 from msifusion.evaluate import evaluate_study
-from msifusion.config import script_params
-from msifusion.pipeline import run_job
+from msifusion.job import run_job, script_params
 
 run_job(snakemake, evaluate_study, truth=list(snakemake.input.truth),
         fused=list(snakemake.input.fused), reference=list(snakemake.input.reference),

@@ -1,11 +1,11 @@
-"""Snakemake job: chained fusion of one section (see msifusion.pipeline.fuse_step)."""
+"""Snakemake job: chained fusion of one section (see msifusion.steps.fuse.fuse_step)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
-from msifusion.config import script_params
-from msifusion.pipeline import fuse_step, run_job
+from msifusion.job import run_job, script_params
+from msifusion.steps.fuse import fuse_step
 
 run_job(snakemake, fuse_step, maps=list(snakemake.input.maps),
         transforms=list(snakemake.input.transforms), outs=list(snakemake.output.fused),

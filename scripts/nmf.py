@@ -1,11 +1,11 @@
-"""Snakemake job: NMF of one modality (see msifusion.pipeline.nmf_step)."""
+"""Snakemake job: NMF of one modality (see msifusion.steps.nmf.nmf_step)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion package
 
-from msifusion.config import script_params
-from msifusion.pipeline import nmf_step, run_job
+from msifusion.job import run_job, script_params
+from msifusion.steps.nmf import nmf_step
 
 params = script_params(snakemake)
 file_ids = params.pop("file_ids")

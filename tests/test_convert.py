@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from pyimzml.ImzMLParser import ImzMLParser
 
-from msifusion.convert import convert_imzml, export_imzml
+from msifusion.convert import convert_imzml
+from msifusion.export import export_imzml
 from msifusion.imzml import read_imzml_header, read_index
 from msifusion.errors import InputError
 from msifusion.store import ConvertedReader
@@ -186,6 +187,24 @@ def test_coordinates_zero_based_with_z(tmp_path):
     np.testing.assert_array_equal(r.xy, [[0, 0], [3, 2], [0, 0]])
     np.testing.assert_array_equal(r.z, [1, 1, 2])
     assert r.image_shape == (3, 4) and r.n_pixels == 3
+    # two planes are never flattened into one image (plane 2 used to overwrite plane 1)
+    with pytest.raises(InputError, match=r"z\.h5: 2 z planes; an image holds one plane"):
+        r.to_image(np.arange(3.0))
+
+
+def test_workflow_conversion_refuses_several_planes_before_reading_data(tmp_path, monkeypatch):
+    """The pipeline's conversion (and CLI convert) stops on a 3-D file right after the index,
+    before any binary data is read, naming the planes; no output is left."""
+    import msifusion.convert
+    from msifusion.steps.convert import convert_step
+
+    spectra = [([100.0], [1.0])] * 3
+    path = write_imzml(tmp_path / "z", spectra, [(1, 1, 1), (2, 1, 1), (1, 1, 2)])
+    monkeypatch.setattr(msifusion.convert, "iter_spectra", None)   # reading data would fail
+    with pytest.raises(InputError, match=r"z\.imzML: 2 z planes \(z = 1, 2\); msifusion images "
+                                         r"one 2-D plane per file"):
+        convert_step(str(path), str(tmp_path / "z.h5"))
+    assert not (tmp_path / "z.h5").exists()
 
 
 def test_unsorted_mz_is_sorted_with_one_warning(tmp_path, caplog):
@@ -254,7 +273,7 @@ def test_pixel_size_from_file_wins(small, caplog, given, expect, warns):
     with caplog.at_level(logging.WARNING, logger="msifusion.convert"):
         summary = convert_imzml(path, out, pixel_size_um=given)
     assert summary["pixel_size_um"] == expect and ConvertedReader(out).pixel_size_um == expect
-    assert any("differs from the configured" in m for m in caplog.messages) == warns
+    assert any("ignored: the imzML states 25 um" in m for m in caplog.messages) == warns
 
 
 def test_pixel_size_argument_used_when_file_has_none(small):
@@ -418,7 +437,8 @@ REAL_FILES = sorted(REAL.glob("*/*.imzML")) if REAL.is_dir() else [REAL / "absen
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"real data folder {REAL} absent")
 @pytest.mark.parametrize("imzml", REAL_FILES, ids=[p.name for p in REAL_FILES])
 def test_real_files_match_pyimzml(imzml, tmp_path):
-    """Every value equals pyimzML's reading (continuous files: zeros are implicit)."""
+    """Every value equals pyimzML's reading (continuous files: zeros are implicit; m/z that the
+    file lists out of order, as the MSIght prostate file does, in increasing order)."""
     out = tmp_path / "real.h5"
     summary = convert_imzml(imzml, out)
     r = ConvertedReader(out)
@@ -430,6 +450,9 @@ def test_real_files_match_pyimzml(imzml, tmp_path):
         for _s, _e, indptr, mz, inten in r.iter_blocks(4096, channels=True):
             for j in range(len(indptr) - 1):
                 ref_mz, ref_int = p.getspectrum(k)
+                # m/z out of order in the file are sorted on conversion (with a warning)
+                order = np.argsort(ref_mz, kind="stable")
+                ref_mz, ref_int = ref_mz[order], ref_int[order]
                 got_mz, got_int = mz[indptr[j]:indptr[j + 1]], inten[indptr[j]:indptr[j + 1]]
                 assert got_int.dtype == ref_int.dtype
                 if r.mz_axis is not None:                 # continuous: densify on the axis

@@ -201,7 +201,7 @@ def test_consistency_reproduces_coarse_values(backprojection):
     # add a smooth structure the fine modality does not see: the model alone cannot match it
     hidden = fields(np.random.default_rng(9), 1, 64, 6)[0]
     coarse = coarse + block_mean(hidden[None], 4)
-    plain = fuse_pair(coarse, None, fine, m)
+    plain = fuse_pair(coarse, None, fine, m, consistency=False)
     fixed = fuse_pair(coarse, None, fine, m, consistency=True, backprojection=backprojection)
     err_plain = np.abs(footprint_average(plain.pred, m, coarse.shape[1:])[0] - coarse).max()
     err_fixed = np.abs(footprint_average(fixed.pred, m, coarse.shape[1:])[0] - coarse).max()
@@ -292,7 +292,7 @@ def test_failed_registration_is_never_fused(tmp_path):
     import json
 
     from msifusion.errors import QualityError
-    from msifusion.pipeline import fuse_step
+    from msifusion.steps.fuse import fuse_step
     from msifusion.register import Registration
 
     rng = np.random.default_rng(0)
@@ -316,7 +316,7 @@ def test_target_images_interpolate_flagged_targets():
     """Predictable targets are reconstructed from the predicted maps; a flagged one is the
     reference image resampled (bicubic) through the composed transform, NaN where not acquired."""
     from msifusion.evaluate import bicubic_to_grid
-    from msifusion.pipeline import _target_images
+    from msifusion.steps.fuse import _target_images
 
     rng = np.random.default_rng(0)
     pred = rng.random((3, 8, 10))

@@ -9,7 +9,8 @@ import scipy.sparse as sp
 
 from msifusion import nmf
 from msifusion.errors import InputError
-from msifusion.nmf import factorize, read_nmf, run_nmf
+from msifusion.nmf import factorize, run_nmf
+from msifusion.store import read_nmf
 from msifusion.spectra import reference_axis
 from msifusion.store import write_converted
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -13,7 +18,10 @@ from pyimzml.ImzMLParser import ImzMLParser
 from scipy import ndimage
 
 from msifusion import phantom
+from msifusion.convert import convert_imzml
 from msifusion.errors import InputError
+from msifusion.imzml import read_imzml_header
+from msifusion.store import ConvertedReader
 
 TILE = 10
 
@@ -376,3 +384,252 @@ def test_outline_fixes_rotation_and_mirror():
     mirrors = [np.abs(np.roll(r[::-1], k) - r).mean() for k in range(n)]
     assert min(shifts) > 0.03 and min(mirrors) > 0.03
     assert math.isclose(outline.half_axes[0], 1300.0)
+
+
+# ------------------------------------------------------------------ options: a new user's study
+#: The commit before the study options: with their defaults, generate_study writes its files.
+BASELINE_COMMIT = "17734c0"
+USER = dict(preset="small", seed=3, pixel_size_um=(8, 2, 1), tof_field_px=120, tile_px=40,
+            state_tof_pixel_size=True, mz_shift=13.0)
+
+
+def _digests(folder) -> dict:
+    """sha256 of every file under ``folder`` by relative path."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _baseline_module(tmp_path):
+    """msifusion/phantom.py as of BASELINE_COMMIT, imported inside the package (skip without
+    git history)."""
+    root = Path(phantom.__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "-C", str(root), "show",
+                              f"{BASELINE_COMMIT}:msifusion/phantom.py"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("git is not available")
+    if src.returncode != 0:
+        pytest.skip(f"commit {BASELINE_COMMIT} is not in this checkout")
+    path = tmp_path / "baseline_phantom.py"
+    path.write_text(src.stdout)
+    name = "msifusion._baseline_phantom"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def test_default_call_is_byte_identical_to_the_baseline(study, tmp_path):
+    """The study options off, every file (imzML, ibd, sheet, truth) is the pre-options one."""
+    old = _baseline_module(tmp_path)
+    old.generate_study(tmp_path / "old", preset="small", seed=0, tile_px=TILE)
+    assert _digests(tmp_path / "old") == _digests(study["outdir"])
+
+
+def test_options_at_the_preset_values_change_nothing(study, tmp_path):
+    p = phantom.PRESETS["small"]
+    same = phantom.generate_study(tmp_path, preset="small", seed=0, tile_px=TILE,
+                                  pixel_size_um=p.pixel_um,
+                                  tof_field_px=int(round(p.tof_fov_um / p.pixel_um[2])),
+                                  state_tof_pixel_size=False, mz_shift=0.0)
+    assert _digests(tmp_path) == _digests(study["outdir"])
+    assert same["tof_field_px"] == 100 and same["mz_shift"] == 0.0 and same["length_scale"] == 1
+    assert same["states_pixel_size"] == {"fticr": True, "maldi": True, "tofsims": False}
+    assert same["targets_mz"] == study["targets_mz"] == phantom.DEMO_TARGETS
+
+
+@pytest.fixture(scope="module")
+def user_study(tmp_path_factory):
+    """The user-like study and the small preset's study of the same seed, both timed."""
+    out = tmp_path_factory.mktemp("user")
+    t0 = time.perf_counter()
+    small = phantom.generate_study(out / "small", preset="small", seed=USER["seed"])
+    t1 = time.perf_counter()
+    user = phantom.generate_study(out / "user", **USER)
+    t2 = time.perf_counter()
+    print(f"\nphantom generation: small preset {t1 - t0:.2f} s, user-like {t2 - t1:.2f} s "
+          f"(shapes {user['shapes']})")
+    return user, small, t2 - t1, t1 - t0
+
+
+def test_user_study_summary(user_study):
+    user, small, _, _ = user_study
+    chain = user["chain"]
+    assert user["pixel_size_um"] == dict(zip(chain, (8.0, 2.0, 1.0)))
+    assert user["tof_field_px"] == 120 and user["tile_px"] == 40
+    assert user["states_pixel_size"] == dict.fromkeys(chain, True)
+    assert user["mz_shift"] == 13.0 and math.isclose(user["length_scale"], 0.08)
+    assert user["canvas_um"] < 1.0                       # finer than the finest pixel (1 um)
+    np.testing.assert_allclose(user["targets_mz"], np.array(phantom.DEMO_TARGETS) + 13.0,
+                               rtol=0, atol=1e-9)
+    assert user["reference_only_mz"] == pytest.approx(phantom.REFERENCE_ONLY_MZ + 13.0)
+    assert [(t["name"], t["reference_only"]) for t in user["targets"]] == \
+        [(t["name"], t["reference_only"]) for t in small["targets"]]
+    for t, s in zip(user["targets"], small["targets"]):
+        assert t["mz"] == pytest.approx(s["mz"] + 13.0)
+
+
+def test_user_study_keeps_the_preset_pixel_counts(user_study):
+    """Every length scaled with the reference pixel: reference and MALDI-like files have the
+    small preset's shapes; the ToF-SIMS field is 120 x 120 px (3 x 3 tiles of 40 px)."""
+    user, small, _, _ = user_study
+    for sec in user["sections"]:
+        for k, mod in enumerate(user["chain"]):
+            shape = user["shapes"][Path(user["files"][sec][mod]).name]
+            preset_shape = small["shapes"][Path(small["files"][sec][mod]).name]
+            assert shape == ((120, 120) if k == 2 else preset_shape)
+        assert user["rois"][sec] == small["rois"][sec]
+
+
+def test_user_study_imzml_headers_state_every_pixel_size(user_study):
+    user, _, _, _ = user_study
+    for sec in user["sections"]:
+        for mod, px in zip(user["chain"], (8.0, 2.0, 1.0)):
+            path = user["files"][sec][mod]
+            head = read_imzml_header(path)
+            assert head["pixel_size_um"] == px
+            assert head["image_shape"] == user["shapes"][Path(path).name]
+            p, _, _ = _read(path)
+            assert p.imzmldict["pixel size x"] == px and p.imzmldict["pixel size y"] == px
+        tof = read_imzml_header(user["files"][sec][user["chain"][2]])
+        assert tof["image_shape"] == (120, 120) and tof["mode"] == "continuous"
+    _, _, tof_spectra = _read(user["files"]["s01"][user["chain"][2]])
+    np.testing.assert_array_equal(tof_spectra[0][0], phantom.TOF_MZ)   # unit masses unshifted
+
+
+def test_user_study_targets_are_shifted_in_the_spectra(user_study):
+    user, _, _, _ = user_study
+    chain = user["chain"]
+    _, xy, spectra = _read(user["files"]["s01"][chain[0]])
+    mz_all = np.concatenate([m for m, _ in spectra])
+    for mz, old in zip(user["targets_mz"], phantom.DEMO_TARGETS):
+        near = mz_all[np.abs(mz_all - mz) < mz * 50e-6]
+        assert len(near) > 20
+        assert np.abs(near - mz).max() <= mz * 5e-6           # within the 5 ppm window
+        iso = mz_all[np.abs(mz_all - mz - phantom.ISOTOPE_SPACING) < mz * 5e-6]
+        assert len(iso) > 20
+        # at the demo's m/z only the odd noise peak
+        assert np.sum(np.abs(mz_all - old) < old * 20e-6) < 0.1 * len(near)
+    # reference spectra follow the (shifted) truth
+    shape = user["shapes"][Path(user["files"]["s01"][chain[0]]).name]
+    for sec in user["sections"]:
+        x0, x1, y0, y1 = _roi(user["rois"][sec][chain[0]])
+        with h5py.File(user["truth"][sec], "r") as f:
+            truth, mask = f[chain[0]]["ion_images"][()], f[chain[0]]["mask"][()]
+        for t, mz in enumerate(user["targets_mz"]):
+            meas = _image(xy, _window_sum(spectra, mz, user["ppm"]), shape)[y0:y1, x0:x1]
+            assert np.corrcoef(meas[mask], truth[t][mask])[0, 1] > 0.7
+            assert 0.6 < meas[mask].sum() / truth[t][mask].sum() < 1.4
+    # MALDI-like: a shared target shifted (with the ~20 ppm calibration error), matrix not shifted,
+    # the reference-only target absent
+    _, _, maldi = _read(user["files"]["s01"][chain[1]])
+    mz_m = np.concatenate([m for m, _ in maldi])
+    shared, ref_only = user["targets_mz"][0], user["reference_only_mz"]
+    assert np.sum(np.abs(mz_m - shared) < shared * 60e-6) > 200
+    assert not np.any(np.abs(mz_m - ref_only) < ref_only * 100e-6)
+    assert np.sum(np.abs(mz_m - 137.0233) < 137.0233 * 60e-6) > 200
+
+
+def test_user_study_converts(user_study, tmp_path):
+    """The pipeline's own converter takes the user-like files: every pixel size comes from the
+    file, the shifted targets are in the reference spectra."""
+    user, _, _, _ = user_study
+    chain = user["chain"]
+    for mod, px in zip(chain, (8.0, 2.0, 1.0)):
+        path = user["files"]["s01"][mod]
+        out = tmp_path / f"{mod}.h5"
+        info = convert_imzml(path, out)
+        assert info["pixel_size_um"] == px
+        assert tuple(info["image_shape"]) == user["shapes"][Path(path).name]
+        assert ConvertedReader(out).pixel_size_um == px
+    mz = np.concatenate([b[3] for b in ConvertedReader(tmp_path / f"{chain[0]}.h5").iter_blocks()])
+    for t in user["targets_mz"]:
+        assert np.sum(np.abs(mz - t) <= t * 5e-6) > 20
+
+
+def test_user_study_truth(user_study):
+    user, _, _, _ = user_study
+    chain = user["chain"]
+    for sec in user["sections"]:
+        with h5py.File(user["truth"][sec], "r") as f:
+            np.testing.assert_allclose(f.attrs["targets_mz"], user["targets_mz"], rtol=0,
+                                       atol=1e-9)
+            assert f.attrs["reference_only_mz"] == pytest.approx(user["reference_only_mz"])
+            for k, (mod, px) in enumerate(zip(chain, (8.0, 2.0, 1.0))):
+                g = f[mod]
+                ion, mask, mat = g["ion_images"][()], g["mask"][()], g["matrix_to_reference"][()]
+                assert g.attrs["pixel_size_um"] == px
+                if k == 0:
+                    x0, x1, y0, y1 = _roi(user["rois"][sec][mod])
+                    assert mask.shape == (y1 - y0, x1 - x0)
+                else:
+                    assert mask.shape == user["shapes"][Path(user["files"][sec][mod]).name]
+                assert ion.shape == (len(user["targets_mz"]),) + mask.shape
+                assert np.all(ion >= 0) and 0.1 < mask.mean() < 0.95
+                np.testing.assert_allclose(mat[:, :2] @ mat[:, :2].T, (px / 8.0) ** 2 * np.eye(2),
+                                           atol=1e-12)
+            # the ToF-SIMS field holds tissue and slide; MALDI truth averages to the reference's
+            tof_mask = f[chain[2]]["mask"][()]
+            assert 0.3 < tof_mask.mean() < 0.8
+            ref = f[chain[0]]["ion_images"][()]
+            avg, n = _to_reference(f[chain[1]]["ion_images"][()],
+                                   f[chain[1]]["matrix_to_reference"][()], ref.shape[1:])
+        covered = n >= 0.9 * (8.0 / 2.0) ** 2
+        for t in range(len(ref)):
+            assert np.corrcoef(avg[t][covered], ref[t][covered])[0, 1] > 0.97
+
+
+def test_user_study_run_time(user_study):
+    """Scaled lengths keep the work of the preset: at most ~2x its time (printed by the fixture)."""
+    _, _, t_user, t_small = user_study
+    assert t_user < 2.5 * t_small + 1.0
+
+
+def test_scaled_preset():
+    small = phantom.PRESETS["small"]
+    p = phantom.scaled_preset(small, (8, 2, 1))
+    assert p.pixel_um == (8.0, 2.0, 1.0) and math.isclose(p.length_scale, 0.08)
+    np.testing.assert_allclose(p.section_um, (160.0, 112.0))
+    np.testing.assert_allclose(p.line_widths_um, np.array(small.line_widths_um) * 0.08)
+    assert math.isclose(p.canvas_um, 0.2) and math.isclose(p.tof_fov_um, 80.0)
+    # a relatively finer ToF-SIMS pixel makes the canvas finer (the preset's canvas : pixel ratio)
+    q = phantom.scaled_preset(small, (8, 2, 0.5))
+    assert math.isclose(q.canvas_um, 0.5 * small.canvas_um / small.pixel_um[2])
+    assert phantom.scaled_preset(small, small.pixel_um) == small
+
+
+def test_target_separation_across_shifts():
+    assert phantom.target_separation_ppm(0.0) > 1000
+    for shift in np.linspace(*phantom.MZ_SHIFT_RANGE, 27):
+        assert phantom.target_separation_ppm(shift) >= phantom.MIN_TARGET_SEPARATION_PPM
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(pixel_size_um=(8, 2)), "pixel_size_um"),
+    (dict(pixel_size_um=(8, 2, 0)), "pixel_size_um"),
+    (dict(pixel_size_um=(8, 2, float("nan"))), "pixel_size_um"),
+    (dict(pixel_size_um=(2, 8, 1)), "pixel_size_um"),
+    (dict(pixel_size_um=(8, 0.5, 0.5)), "pixel_size_um"),
+    (dict(pixel_size_um="821"), "pixel_size_um"),
+    (dict(pixel_size_um=8), "pixel_size_um"),
+    (dict(tof_field_px=4), "tof_field_px"),
+    (dict(tof_field_px=120.0), "tof_field_px"),
+    (dict(tof_field_px=True), "tof_field_px"),
+    (dict(tof_field_px=400), "tof_field_px"),
+    (dict(pixel_size_um=(8, 2, 1), tof_field_px=200), "tof_field_px"),
+    (dict(state_tof_pixel_size="yes"), "state_tof_pixel_size"),
+    (dict(mz_shift=float("nan")), "mz_shift"),
+    (dict(mz_shift=-400.0), "mz_shift"),
+    (dict(mz_shift=5000), "mz_shift"),
+    (dict(mz_shift="13"), "mz_shift"),
+])
+def test_bad_study_options(tmp_path, kwargs, name):
+    with pytest.raises(InputError, match=name):
+        phantom.generate_study(tmp_path, **({"preset": "small"} | kwargs))
+    assert not list(tmp_path.iterdir())

@@ -9,10 +9,10 @@ import tifffile
 from matplotlib.image import imread
 
 from msifusion.errors import InputError
-from msifusion.products import (ion_image, mz_window, plot_before_after, plot_components,
-                                product_ion_image, region_mask, region_on_grid, target_flag,
-                                plot_spectrum, read_fused, roi_mean_spectrum, save_image_png,
-                                save_tiff, write_fused)
+from msifusion.figures import plot_before_after, plot_components, plot_spectrum, save_image_png
+from msifusion.products import (ion_image, mz_window, product_ion_image, region_mask,
+                                region_on_grid, read_fused, roi_mean_spectrum, save_tiff,
+                                target_flag, write_fused)
 
 MZ = np.array([100.0, 100.0004, 100.01, 200.0, 300.0])
 SPECTRA = np.array([[1.0, 2.0, 4.0, 0.0, 1.0],
@@ -207,3 +207,38 @@ def test_region_mask_box_file_and_errors(tmp_path):
         region_mask({"name": "b", "mask": str(tmp_path / "m.npy")}, (5, 5))
     with pytest.raises(InputError, match="mask file not found"):
         region_mask({"name": "c", "mask": str(tmp_path / "none.npy")}, (4, 5))
+
+
+def test_roi_spectra_average_tissue_at_every_level(tmp_path):
+    """The mean spectra of a region (and the 'tissue mean spectra' figure) average the tissue
+    pixels of every level: the fused levels' own tissue masks (stored in the product), not every
+    acquired pixel with its background (they used to differ from the reference level)."""
+    import h5py
+
+    from msifusion.steps.products import products_step
+
+    rng = np.random.default_rng(0)
+    ref_maps = rng.uniform(1, 2, (2, 4, 4)).astype(np.float32)
+    ref_mask = np.zeros((4, 4), bool)
+    ref_mask[1:3, 1:3] = True
+    with h5py.File(tmp_path / "maps_fticr.h5", "w") as f:
+        f["maps"], f["mask"], f["acquired"] = ref_maps, ref_mask, np.ones((4, 4), bool)
+        f["spectra"], f["mz"] = SPECTRA.astype(np.float32), MZ
+        f.attrs.update(origin_xy=(0, 0), pixel_size_um=20.0, modality="fticr", section="s1",
+                       source="x")
+    fine = rng.uniform(1, 2, (2, 8, 8)).astype(np.float32)
+    fine[:, :, :4] *= 100                     # background: intense, not tissue
+    tissue = np.zeros((8, 8), bool)
+    tissue[2:6, 4:7] = True
+    write_fused(tmp_path / "fused_maldi.h5", fine, SPECTRA, MZ, origin_xy=(0, 0),
+                pixel_size_um=5.0, reference="fticr",
+                extra={"matrix_to_reference": np.array([[0.5, 0, 0], [0, 0.5, 0]]),
+                       "tissue_mask": tissue})
+    products_step(str(tmp_path / "maps_fticr.h5"), [str(tmp_path / "fused_maldi.h5")],
+                  str(tmp_path), targets=[], ppm=10, rois=[{"name": "all", "box": [0, 4, 0, 4]}])
+    lines = (tmp_path / "roi_all.tsv").read_text().splitlines()
+    assert "tissue pixels fticr 4, maldi 12" in lines[0]
+    got = np.array([[float(v) for v in ln.split("\t")[1:]] for ln in lines[2:]])
+    want = roi_mean_spectrum(SPECTRA, fine, tissue)
+    np.testing.assert_allclose(got[:, 1], want, rtol=1e-5)
+    assert (tmp_path / "roi_mean_spectra.png").exists()

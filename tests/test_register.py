@@ -470,7 +470,7 @@ def test_real_tofsims_split_mass_ranges():
 def test_registration_table_rows_and_failed_pairs(tmp_path, caplog):
     """One row per pair in sheet order, NA for absent figures, failures logged by section."""
     from msifusion.errors import InputError
-    from msifusion.pipeline import REGISTRATION_COLUMNS, registration_table_step
+    from msifusion.steps.register import REGISTRATION_COLUMNS, registration_table_step
 
     good = {"passed": True, "score": 0.91, "margin": 0.2, "ncc": 0.8, "rotation_deg": 12.5,
             "scale": 0.25, "mirror": False, "translation_um": [10.0, -4.0]}

@@ -81,6 +81,7 @@ _OWNERS = [  # results file -> the job that writes it ("rule/wildcards", as its 
      r"degrid_converted/\1/\2"),
     (r"results/converted/(\w+)/([\w.-]+)\.h5", r"convert/\1/\2"),
     (r"results/nmf/(\w+)\.axis\.h5", r"mz_axis/\1"),
+    (r"results/nmf/\w+\.targets\.json", "check_targets"),
     (r"results/nmf/(\w+)(?:\.degrid\.h5|\.degrid\.json|\.degrid_qc\.png|_components\.degrid\.png)",
      r"degrid/\1"),
     (r"results/nmf/(\w+)(?:\.h5|_components\.png)", r"nmf/\1"),
@@ -171,11 +172,10 @@ def test_fusion_parameter_reruns_fusion_and_what_follows(case):
 
 def test_nmf_rank_reruns_that_modality_only(case):
     """tofsims rank 8 -> 10: its NMF, grid removal, crops, the registrations it is part of, and
-    what follows; never a conversion, an m/z axis or another modality's NMF. (10 is the value of
-    the rule's pixel_size_um param and 8 stays that of memory_gb: Snakemake's own record, the set
-    of param values, does not change; the by-name ``tracked`` param does.)"""
+    what follows; never a conversion, an m/z axis or another modality's NMF. (A value hidden among
+    equal values, which Snakemake's own record misses, is the dilation case of
+    test_same_config_spelled_differently_reruns_nothing.)"""
     work, _, cfg = case
-    assert cfg["modalities"]["tofsims"]["pixel_size_um"] == 10
     cfg["modalities"]["tofsims"]["nmf"]["rank"] = 10
     expected = {"nmf/tofsims", "degrid/tofsims", "registration_summary"} | DOWNSTREAM_OF_FUSE
     expected |= {f"crop/{s}/tofsims" for s in SECTIONS}
@@ -202,7 +202,10 @@ def test_section_roi_reruns_that_section_only(case):
 def test_edited_script_and_library(case):
     """An edited script (scripts/fuse.py, mtime newer than the outputs): its rule's jobs rerun, then
     everything downstream (Snakemake schedules it before the new outputs exist, whatever they
-    hold). An edited library module reruns the rules that list it as input (rules/common.smk lib)."""
+    hold). An edited library module reruns every rule whose job can run it: the import closure
+    of the rule's script (rules/common.smk code, msifusion.codedeps), not a hand-written list.
+    affine.py is run by the registration (register.py), the fusion and the products (it used to
+    rerun nothing); products.py by the fusion (write_fused), the products and the evaluation."""
     work, _, _ = case
     script = work / "scripts" / "fuse.py"
 
@@ -217,8 +220,15 @@ def test_edited_script_and_library(case):
     with open(work / "msifusion" / "products.py", "a") as fh:
         fh.write("# edited\n")
     out = dry(work)
-    assert job_counts(out) == counts_of({f"products/{s}" for s in SECTIONS}), out[-3000:]
+    assert job_counts(out) == counts_of(DOWNSTREAM_OF_FUSE), out[-3000:]
     assert "Updated input files: msifusion/products.py" in out
+    with open(work / "msifusion" / "affine.py", "a") as fh:
+        fh.write("# edited\n")
+    out = dry(work)
+    expected = DOWNSTREAM_OF_FUSE | {"registration_summary"}
+    expected |= {f"register/{s}/{pair}" for s in SECTIONS for pair in ("fticr_maldi", "maldi_tofsims")}
+    assert job_counts(out) == counts_of(expected), out[-3000:]
+    assert "msifusion/affine.py" in out
 
 
 def test_same_config_spelled_differently_reruns_nothing(case):

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.slow
 
 
 def small_config(sheet: str, chain, *, tile_px=None, truth="study/truth") -> dict:
-    """A config for a ``preset="small"`` phantom (pixel sizes as the phantom writes them)."""
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    """A config for a ``preset="small"`` phantom (pixel sizes as the phantom writes them), from the
+    demo's config."""
+    cfg = yaml.safe_load((ROOT / "config" / "demo" / "config.yaml").read_text())
     mods = {}
     for i, name in enumerate(chain):
         base = cfg["modalities"][("fticr", "maldi", "tofsims")[i]]
@@ -266,9 +267,32 @@ def test_empty_section_fails_alone(error_study):
     proc = snakemake(workdir, check=False)
     assert proc.returncode != 0
     assert "empty section" in proc.stderr
-    first = summary["sections"][0]
+    first, last = summary["sections"][0], summary["sections"][-1]
     assert (workdir / "results" / first / "fused_maldi.h5").exists()
-    assert not (workdir / "results" / summary["sections"][-1] / "fused_maldi.h5").exists()
+    assert not (workdir / "results" / last / "fused_maldi.h5").exists()
+    # the run report after this partial run: the finished section, the failed one listed
+    proc = snakemake(workdir, "--report", str(workdir / "report.html"), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"report without the missing products of {last}" in proc.stderr
+    html = (workdir / "report.html").read_text()
+    assert "Incomplete run" in html and "ion_fticr" in html
+
+
+def test_input_error_is_not_retried(error_study):
+    """A job with ``retries`` (for memory and time limits) that stops on an input error is not
+    run a second time: the retry ends at once with the first attempt's message."""
+    workdir, summary, _ = error_study
+    maldi = Path(summary["files"][summary["sections"][0]]["maldi"])
+    ibd = maldi.with_suffix(".ibd")
+    ibd.write_bytes(ibd.read_bytes()[: ibd.stat().st_size // 2])   # truncated after start-up
+    target = f"results/converted/maldi/{maldi.stem}.h5"
+    proc = snakemake(workdir, target, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Trying to restart job" in out
+    assert out.count("not retried: the first attempt stopped on it") == 1, out[-4000:]
+    log = (workdir / "logs" / "convert" / "maldi" / f"{maldi.stem}.log").read_text()
+    assert "not retried" in log and "converting" not in log
+    assert not (workdir / target).exists()
 
 
 def test_roi_auto_finds_the_sections_of_a_shared_file(tmp_path):
@@ -282,7 +306,7 @@ def test_roi_auto_finds_the_sections_of_a_shared_file(tmp_path):
     sheet.write_text("\n".join("\t".join(r[:3] + ["auto" if r[1] == "fticr" else r[3]])
                                for r in rows) + "\n")
     snakemake(tmp_path, *[f"results/{s}/maps_fticr.h5" for s in summary["sections"]])
-    from msifusion.pipeline import crop_step, read_section_maps
+    from msifusion.steps.section import crop_step, read_section_maps
     for s in summary["sections"]:
         auto = read_section_maps(tmp_path / "results" / s / "maps_fticr.h5")
         ref_out = tmp_path / f"given_{s}.h5"
@@ -305,7 +329,7 @@ def test_reference_only_species_flagged_not_predictable(three_modality_run):
     import tifffile
 
     from msifusion.evaluate import bicubic_to_grid
-    from msifusion.pipeline import read_section_maps
+    from msifusion.steps.section import read_section_maps
     from msifusion.products import ion_image, read_fused
 
     workdir, summary, cfg, _ = three_modality_run
@@ -346,7 +370,7 @@ def test_reference_only_species_flagged_not_predictable(three_modality_run):
 def test_named_rois_spectra_at_every_level(three_modality_run):
     """Configured ROIs give a mean spectrum per level; the reference column of the box equals the
     mean reconstructed spectrum of its tissue pixels."""
-    from msifusion.pipeline import read_section_maps
+    from msifusion.steps.section import read_section_maps
     from msifusion.products import roi_mean_spectrum
 
     workdir, summary, cfg, _ = three_modality_run
@@ -368,3 +392,53 @@ def test_named_rois_spectra_at_every_level(three_modality_run):
         expect = roi_mean_spectrum(ref["spectra"], ref["maps"], box & ref["mask"])
         table = np.loadtxt(workdir / "results" / section / "roi_box.tsv", skiprows=2)
         np.testing.assert_allclose(table[:, 1], expect, rtol=1e-5, atol=1e-6 * expect.max())
+
+
+# ------------------------------------------------------------------- a new user's own study
+def test_new_study_runs_with_the_shipped_template(tmp_path):
+    """A study unlike the demo (issue 14): every file states its own pixel size (FT-ICR 8 um,
+    MALDI 2 um, ToF-SIMS 1 um), the ToF-SIMS field is 3 x 3 tiles of 40 px, other m/z. Run with
+    the shipped config/config.yaml where only ``sections`` and ``targets`` are set: it runs end
+    to end (files' pixel sizes used, tile detected, targets found) and beats bicubic upsampling;
+    the FT-ICR-only species ships as interpolated, equal to bicubic."""
+    from msifusion.evaluate import evaluate_study
+
+    summary = generate_study(tmp_path / "study", preset="small", seed=3, pixel_size_um=(8, 2, 1),
+                             tof_field_px=120, tile_px=40, state_tof_pixel_size=True,
+                             mz_shift=13.0)
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["sections"] = "study/sections.tsv"
+    cfg["targets"]["mz"] = [float(m) for m in summary["targets_mz"]]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = snakemake(tmp_path)
+    for name, px in (("fticr_sections", 8), ("maldi_s01", 2), ("tofsims_s01", 1)):
+        assert f"{name}: pixel size {px} um (imzML)" in proc.stderr
+    degrid = json.loads((tmp_path / "results" / "nmf" / "tofsims.degrid.json").read_text())
+    assert all(v["tile"] == [40, 40] for v in degrid.values()), degrid
+    secs, chain = summary["sections"], summary["chain"]
+    rows = evaluate_study(
+        [summary["truth"][s] for s in secs],
+        [str(tmp_path / "results" / s / f"fused_{m}.h5") for s in secs for m in chain[1:]],
+        [str(tmp_path / "results" / "converted" / "fticr" / "fticr_sections.h5")] * len(secs),
+        str(tmp_path / "evaluation.tsv"), sections=secs, chain=chain,
+        section_maps=[str(tmp_path / "results" / s / "maps_fticr.h5") for s in secs],
+        ppm=cfg["targets"]["ppm"])
+    ref_only = summary["reference_only_mz"]
+    shared = [r for r in rows if abs(r["target_mz"] - ref_only) > 0.01]
+    assert len(shared) == 2 * len(secs) * 4
+    for level in chain[1:]:
+        sel = [r for r in shared if r["level"] == level]
+        fused = np.mean([r["r_fused"] for r in sel])
+        bicubic = np.mean([r["r_bicubic"] for r in sel])
+        assert fused > 0.9 and fused > bicubic + 0.05, (level, fused, bicubic)
+    for r in rows:
+        if abs(r["target_mz"] - ref_only) <= 0.01:
+            assert abs(r["r_fused"] - r["r_bicubic"]) < 0.01, r
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    """`snakemake --lint` finds nothing to criticise (log on every rule, no absolute paths, ...)."""
+    setup_study(tmp_path)
+    proc = snakemake(tmp_path, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr

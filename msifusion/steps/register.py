@@ -1,0 +1,110 @@
+"""Steps of the registration rules: one adjacent pair of a section, and the table of all pairs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..errors import InputError
+from ..register import plot_overlay, register_pair
+from ..schema import default
+from ..store import atomic_output
+from .section import read_section_maps, tissue_image, total_image
+
+log = logging.getLogger("msifusion.steps.register")
+
+
+def register_step(coarse: str, fine: str, out_json: str, out_png: str, *,
+                  model: str = default("registration.model"),
+                  n_starts: int = default("registration.n_starts"),
+                  mirror: bool = default("registration.mirror"),
+                  iterations: int = default("registration.iterations"),
+                  min_score: float = default("registration.min_score"),
+                  min_margin: float = default("registration.min_margin"),
+                  seed: int = default("seed")) -> None:
+    """Register a fine modality's section to the coarse one; write the transform JSON and QC PNG."""
+    c, f = read_section_maps(coarse), read_section_maps(fine)
+    # The component maps of both sections score every placement beyond the total images
+    # (register_pair's multichannel similarity).
+    # Two views of each section: the tissue alone (background 0), then, when that gives no
+    # confident answer, the whole total image (off-tissue signal such as substrate or matrix
+    # can carry the outline). The first view that passes wins; else the better-margin failure.
+    reg = None
+    for view in (tissue_image, total_image):
+        trial = register_pair(view(c), c["mask"], c["pixel_size_um"], view(f), f["mask"],
+                              f["pixel_size_um"], model=model, n_starts=n_starts, mirror=mirror,
+                              iterations=iterations, min_score=min_score, min_margin=min_margin,
+                              seed=seed, coarse_channels=c["maps"], fine_channels=f["maps"])
+        trial.details["view"] = view.__name__
+        if reg is None or trial.passed or (not reg.passed and trial.margin > reg.margin):
+            reg = trial
+        if reg.passed:
+            break
+    doc = reg.to_json() | {"section": c["section"], "coarse": c["modality"], "fine": f["modality"]}
+    plot_overlay(total_image(c), total_image(f), reg, out_png)
+    with atomic_output(out_json) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2))
+    level = logging.INFO if reg.passed else logging.WARNING
+    log.log(level, "section %r: %s -> %s %s", c["section"], f["modality"], c["modality"],
+            registration_summary(doc))
+
+
+#: Columns of :func:`registration_table_step`.
+REGISTRATION_COLUMNS = ("section", "coarse", "fine", "passed", "score", "margin", "ncc",
+                        "rotation_deg", "scale", "mirror", "translation_x_um", "translation_y_um")
+
+
+def registration_table_step(transforms: list[str], pairs: list[list[str]], out: str) -> None:
+    """The registration scores of every section and chain pair as one TSV table (atomically).
+
+    Parameters
+    ----------
+    transforms : list of str
+        Transform JSON files written by :func:`register_step`.
+    pairs : list of [section, coarse, fine]
+        One entry per transform file, in the same order.
+    out : str
+        Table path: one row per pair, columns :data:`REGISTRATION_COLUMNS` (``NA`` when absent);
+        a pair that did not pass is also logged as a warning.
+    """
+    if len(transforms) != len(pairs):
+        raise InputError(f"registration table: {len(transforms)} transform files for "
+                         f"{len(pairs)} pairs")
+    rows = []
+    for path, (section, coarse, fine) in zip(transforms, pairs):
+        doc = json.loads(Path(path).read_text())
+        tx, ty = (doc.get("translation_um") or [None, None])[:2]
+        values = dict(doc, section=section, coarse=coarse, fine=fine, translation_x_um=tx,
+                      translation_y_um=ty)
+        rows.append("\t".join(_cell(values.get(c)) for c in REGISTRATION_COLUMNS))
+        if not doc.get("passed"):
+            log.warning("section %s: %s -> %s did not pass (%s)", section, fine, coarse,
+                        registration_summary(doc))
+    with atomic_output(out) as tmp:
+        Path(tmp).write_text("\t".join(REGISTRATION_COLUMNS) + "\n" + "".join(r + "\n" for r in rows))
+
+
+def _cell(value) -> str:
+    """A table cell: ``NA`` for None, ``true``/``false``, floats to 4 decimals."""
+    if value is None:
+        return "NA"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def registration_summary(doc: dict) -> str:
+    """One line on a registration JSON: pose, quality figures and the verdict."""
+    def num(source, key):  # JSON stores NaN as null
+        value = source.get(key)
+        return float("nan") if value is None else float(value)
+
+    d = doc.get("details", {})
+    return (f"rotation {num(doc, 'rotation_deg'):.2f} deg, mask Dice {num(doc, 'score'):.3f} "
+            f"(min {num(d, 'min_score'):g}), margin {num(doc, 'margin'):.3f} "
+            f"(min {num(d, 'min_margin'):g}), outline agreement {num(doc, 'boundary'):.3f} "
+            f"(min {num(d, 'min_boundary'):g}) or NCC {num(doc, 'ncc'):.3f} "
+            f"(min {num(d, 'min_ncc'):g}): " + ("passed" if doc.get("passed") else "FAILED"))
