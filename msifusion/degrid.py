@@ -19,12 +19,12 @@ position-dependent gain (beam/analyser vignetting), which shows as a grid in eve
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 
 from .errors import InputError
-from .nmf import read_nmf, write_nmf
-from .store import ConvertedReader, ConvertedWriter, value_rows
+from .store import ConvertedReader, ConvertedWriter, read_nmf, value_rows, write_nmf
 
 log = logging.getLogger("msifusion.degrid")
 
@@ -113,116 +113,321 @@ def _tile_repeat(pattern: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 # Detection
 # ---------------------------------------------------------------------------------------------
 
-def _band_profiles(image: np.ndarray, n_bands: int) -> np.ndarray:
-    """Means along axis 0 of ``n_bands`` equal bands of rows, ``(n_bands, n)``, ignoring NaN.
+#: Most lines (groups of adjacent rows) an image is reduced to across the analysed direction.
+DETECT_MAX_LINES = 128
+#: Growth ratio of the moving-median windows shared by long candidate periods.
+DETECT_WINDOW_RATIO = 1.1
+#: Smallest tile-pattern contrast (rms of the log intensity, ~ relative gain) that counts: a
+#: floor added to every variance of :func:`_period_score`, so that the tiny, locally regular
+#: residuals of a noise-free smooth image do not pass for a pattern.
+DETECT_MIN_CONTRAST = 0.01
+#: Fraction of ``min_score`` enough along one axis when its best candidate is the period found
+#: along the other axis (scan tiles are square; a gain may vary less along one axis).
+DETECT_SQUARE_FRACTION = 0.5
 
-    All-NaN positions are interpolated from their neighbours (0 when a band is all NaN).
+
+def _line_bins(image: np.ndarray, max_lines: int = DETECT_MAX_LINES) -> np.ndarray:
+    """Means of groups of adjacent rows, ``(ny, n) -> (ceil(ny / b), n)``, ``b`` the smallest
+    group size leaving at most ``max_lines`` rows; NaN ignored (NaN where a group has none).
+    Averaging along axis 0 keeps every structure along axis 1 and lowers the noise."""
+    ny, n = image.shape
+    b = -(-ny // max_lines)
+    if b == 1:
+        return image
+    pad = np.full((-(-ny // b) * b, n), np.nan)
+    pad[:ny] = image
+    groups = pad.reshape(-1, b, n)
+    ok = np.isfinite(groups)
+    count = ok.sum(axis=1)
+    total = np.where(ok, groups, 0.0).sum(axis=1)
+    with np.errstate(all="ignore"):
+        return np.where(count > 0, total / count, np.nan)
+
+
+def _log_intensity(image: np.ndarray) -> np.ndarray:
+    """``log(image)``, values below 1e-3 x the median positive value raised to it; NaN stays NaN
+    (all NaN without a positive value). A multiplicative gain becomes an additive pattern of the
+    same size on tissue and on background."""
+    finite = np.isfinite(image)
+    pos = image[finite & (image > 0)]
+    if not pos.size:
+        return np.full(image.shape, np.nan)
+    floor = 1e-3 * float(np.median(pos))
+    with np.errstate(all="ignore"):
+        return np.where(finite, np.log(np.maximum(image, floor)), np.nan)
+
+
+def _fill_rows(a: np.ndarray) -> np.ndarray:
+    """``a (rows, n)`` with NaN replaced by linear interpolation along each row (0 in an all-NaN
+    row)."""
+    ok = np.isfinite(a)
+    if ok.all():
+        return a
+    out = np.where(ok, a, 0.0)
+    i = np.arange(a.shape[1])
+    for r in np.flatnonzero(ok.any(axis=1) & ~ok.all(axis=1)):
+        out[r] = np.interp(i, i[ok[r]], a[r, ok[r]])
+    return out
+
+
+def _median_window(P: int) -> int:
+    """Moving-median window for period ``P``: the largest window <= ``P`` of the sequence 2, 3,
+    ... in which each window is the larger of the previous one + 1 and the previous one x
+    :data:`DETECT_WINDOW_RATIO` (every period up to 16 px gets its own window; longer ones share
+    windows, which bounds the number of median filters)."""
+    w = 2
+    while True:
+        nxt = max(w + 1, int(round(w * DETECT_WINDOW_RATIO)))
+        if nxt > P:
+            return w
+        w = nxt
+
+
+def _moving_median(lines: np.ndarray, w: int) -> np.ndarray:
+    """Median of each window of ``w`` samples along axis 1, ``(rows, n) -> (rows, n - w + 1)``
+    (window starting at sample 0, 1, ...). Windows longer than 63 samples are taken on the means
+    of blocks of ``w // 32`` samples (about 32 to 63 blocks a window), which bounds the cost."""
+    from scipy.ndimage import median_filter
+
+    rows, n = lines.shape
+    d = max(1, w // 32)
+    if d == 1:
+        return median_filter(lines, size=(1, w), mode="nearest")[:, w // 2:w // 2 + n - w + 1]
+    nblk = n // d
+    blocks = lines[:, :nblk * d].reshape(rows, nblk, d).mean(axis=2)
+    wd = int(round(w / d))
+    med = median_filter(blocks, size=(1, wd), mode="nearest")
+    centre = (np.arange(n - w + 1) + w / 2) / d - 0.5            # window centre, in blocks
+    return med[:, np.clip(np.round(centre).astype(int), wd // 2, nblk - wd + wd // 2)]
+
+
+def _detrend_lines(lines: np.ndarray, window: int, stat: str) -> np.ndarray:
+    """``lines (rows, n)`` minus their moving mean or median over ``window`` samples (axis 1).
+
+    Windows are centred (an even window is the average of the two windows centred half a sample
+    either side, so that a smooth slope leaves no residual) and shifted inside the line at its
+    ends. Over exactly one period, the mean or median of a periodic pattern is a constant: the
+    residual keeps the pattern, and it stays periodic for any window. The mean removes smooth
+    trends exactly but smears a tissue edge over a window; the median follows edges but
+    also part of a steep smooth trend. NaN stays NaN (interpolated for the filter only).
     """
-    bands = np.array_split(np.where(np.isfinite(image), image, np.nan), n_bands, axis=0)
+    rows, n = lines.shape
+    w = min(int(window), n)
+    filled = _fill_rows(lines)
+    if stat == "median":
+        by_start = _moving_median(filled, w)
+    else:
+        c = np.concatenate([np.zeros((rows, 1)), np.cumsum(filled, axis=1)], axis=1)
+        by_start = (c[:, w:] - c[:, :-w]) / w             # window starting at 0 .. n - w
+    x = np.arange(n)
+    level = by_start[:, np.clip(x - w // 2, 0, n - w)]
+    if w % 2 == 0:
+        level = 0.5 * (level + by_start[:, np.clip(x - w // 2 + 1, 0, n - w)])
+    return lines - level
+
+
+def _band_profiles(residuals: np.ndarray, n_bands: int) -> np.ndarray:
+    """Medians along axis 0 of ``n_bands`` equal bands of rows, ``(n_bands, n)``, NaN ignored.
+
+    The median across rows keeps what all rows share (the tile gain, a straight seam) and drops
+    structures crossing the band obliquely (tissue edges). All-NaN positions are interpolated
+    from their neighbours (0 when a band is all NaN).
+    """
     out = []
-    for band in bands:
-        with np.errstate(all="ignore"):
-            p = np.nanmean(band, axis=0)
-        ok = np.isfinite(p)
-        if not ok.any():
-            p = np.zeros_like(p)
-        elif not ok.all():
-            i = np.arange(len(p))
-            p = np.interp(i, i[ok], p[ok])
-        out.append(p)
+    for band in np.array_split(residuals, n_bands, axis=0):
+        if np.isfinite(band).all():
+            p = np.median(band, axis=0)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)        # all-NaN columns
+                p = np.nanmedian(band, axis=0)
+        out.append(_fill_rows(p[None])[0])
     return np.array(out)
 
 
-def _detrend(p: np.ndarray, P: int) -> np.ndarray:
-    """``p`` minus its centred moving average over ``P`` samples (windows shrink at the ends).
+def _period_score(profiles: np.ndarray, P: int, floor: float = DETECT_MIN_CONTRAST) -> float:
+    """Score of period ``P`` from band profiles ``(n_bands, n)``; ``-inf`` without 2 periods.
 
-    A moving average over exactly one period turns a P-periodic component into a constant, so the
-    trend is removed while the periodic component survives whole.
+    Each profile is cut into its ``m = n // P`` whole periods (segments, each minus its median),
+    tiles being anchored at pixel 0. Every segment is predicted by the median, position by
+    position, of the OTHER periods of all bands (of all periods when there are more than 8),
+    so that neither a segment's own content nor a structure that all bands hold at the same
+    place counts. Per position in the period, the typical (median over segments) squared
+    segment and squared prediction error are taken (plus ``floor ** 2``): a structure that a
+    few segments hold (a tissue edge, a bright spot) barely counts, a narrow seam that all hold
+    does. The score is ``1 - sum(error) / sum(segment)``: near 1 for a tile pattern standing out
+    from the noise, about 0 or below without one.
     """
-    n = len(p)
-    c = np.concatenate([[0.0], np.cumsum(p)])
-    lo = np.clip(np.arange(n) - P // 2, 0, n)
-    hi = np.clip(lo + P, 0, n)
-    lo = np.clip(hi - P, 0, n)
-    return p - (c[hi] - c[lo]) / (hi - lo)
+    nb, n = profiles.shape
+    m = n // P
+    if m < 2:
+        return -np.inf
+    segs = profiles[:, :m * P].reshape(nb, m, P)
+    segs = segs - np.median(segs, axis=2, keepdims=True)
+    if m > 8:                  # one period barely moves the median of many: skip leave-one-out
+        err = segs - np.median(segs.reshape(-1, P), axis=0)
+    else:
+        err = np.empty_like(segs)
+        for k in range(m):
+            others = np.delete(segs, k, axis=1).reshape(-1, P)
+            err[:, k] = segs[:, k] - np.median(others, axis=0)
+    ms_seg = np.median(segs.reshape(-1, P) ** 2, axis=0) + floor ** 2
+    ms_err = np.median(err.reshape(-1, P) ** 2, axis=0) + floor ** 2
+    return 1.0 - float(ms_err.sum()) / float(ms_seg.sum())
 
 
-def _period_scores(profiles: np.ndarray, periods: np.ndarray) -> np.ndarray:
-    """Periodicity score of band profiles ``(n_bands, n)`` for each candidate period P.
+def _median_profiles(lines: np.ndarray, periods: np.ndarray, n_bands: int) -> dict:
+    """Band profiles of the moving-median residuals of ``lines``, by window
+    (:func:`_median_window` of each period; long periods share windows)."""
+    windows = sorted({_median_window(int(P)) for P in periods})
+    return {w: _band_profiles(_detrend_lines(lines, w, "median"), n_bands) for w in windows}
 
-    Each band profile is detrended (:func:`_detrend`) and cut into its whole periods; the score is
-    the mean Pearson correlation between all pairs of these segments (all bands together). A
-    tile grid repeats in every period of every band (score near 1); image content does not
-    (score near 0).
+
+def _period_profiles(lines: np.ndarray, P: int, n_bands: int, medians: dict
+                     ) -> tuple[float, np.ndarray]:
+    """Score of period ``P`` (:func:`_period_score`), the better one over the two detrendings of
+    :func:`_detrend_lines` (mean over ``P``; median over :func:`_median_window`, profiles from
+    :func:`_median_profiles`), and the band profiles that gave it."""
+    means = _band_profiles(_detrend_lines(lines, P, "mean"), n_bands)
+    scored = [(_period_score(p, P), p) for p in (means, medians[_median_window(P)])]
+    return max(scored, key=lambda sp: sp[0])
+
+
+def _seam_score(profiles: np.ndarray, P: int) -> float:
+    """Score of period ``P`` on the first difference of band profiles ``(n_bands, n)``, without
+    floor: sharp in P where the pattern has seams (steps, kinks), to place it to the pixel."""
+    return _period_score(np.diff(profiles, axis=1, prepend=profiles[:, :1]), P, floor=0.0)
+
+
+def _period_scores(lines: np.ndarray, periods: np.ndarray, n_bands: int
+                   ) -> tuple[np.ndarray, list]:
+    """Scores (:func:`_period_profiles`) of the candidate ``periods`` along axis 1 of the log
+    ``lines (rows, n)`` and the band profiles that gave them (all -inf, None without a finite
+    value)."""
+    if not np.isfinite(lines).any():
+        return np.full(len(periods), -np.inf), [None] * len(periods)
+    medians = _median_profiles(lines, periods, n_bands)
+    scored = [_period_profiles(lines, int(P), n_bands, medians) for P in periods]
+    return np.array([sc for sc, _ in scored]), [p for _, p in scored]
+
+
+def _pick_period(periods: np.ndarray, scores: np.ndarray, profiles: list, n: int,
+                 min_score: float) -> int:
+    """The tile period along a line of ``n`` pixels from the scores of the candidate
+    ``periods`` and their band profiles (:func:`_period_scores`).
+
+    1. Peaks: local maxima within 85 % of the best score, less those with a higher peak within
+       10 % (2 px at least) of them; the smallest one is taken (multiples of the period score
+       about as well as the period itself).
+    2. Within 10 % of it, the best period by :func:`_seam_score`, when that reaches
+       ``min_score`` (sharp seams place a smooth pattern to the pixel).
+    3. When it does not divide ``n`` but a neighbour within 10 % does and scores within 85 %
+       of it, the best such neighbour (a scan mosaic is whole tiles).
     """
-    n = profiles.shape[1]
-    scores = np.full(len(periods), -np.inf)
-    for i, P in enumerate(periods):
-        m = n // P
-        segs = np.concatenate([_detrend(p, P)[:m * P].reshape(m, P) for p in profiles])
-        segs = segs - segs.mean(axis=1, keepdims=True)
-        norms = np.linalg.norm(segs, axis=1)
-        segs = segs[norms > 0] / norms[norms > 0, None]
-        q = len(segs)
-        if q < 2:
-            continue
-        total = segs.sum(axis=0)
-        scores[i] = (float(total @ total) - q) / (q * (q - 1))
-    return scores
+    best = float(scores.max())
+    left = np.concatenate([[-np.inf], scores[:-1]])
+    right = np.concatenate([scores[1:], [-np.inf]])
+    peaks = np.flatnonzero((scores >= left) & (scores >= right) & (scores >= 0.85 * best))
+    reach = np.maximum(2, periods // 10)
+    peaks = [i for i in peaks if not np.any((scores[peaks] > scores[i])
+                                            & (np.abs(periods[peaks] - periods[i]) <= reach[i]))]
+    i = peaks[0]
+    near = np.flatnonzero(np.abs(periods - periods[i]) <= reach[i])
+    seam = np.array([_seam_score(profiles[j], int(periods[j])) for j in near])
+    if seam.max() >= min_score:
+        i = near[int(np.argmax(seam))]
+    if n % periods[i]:
+        near = np.flatnonzero((np.abs(periods - periods[i]) <= reach[i]) & (n % periods == 0)
+                              & (scores >= 0.85 * scores[i]))
+        if near.size:
+            i = near[int(np.argmax(scores[near]))]
+    return int(periods[i])
 
 
-def _detect_1d(image: np.ndarray, min_period: int, max_period: int, min_score: float,
-               min_repeats: int, n_bands: int, name: str) -> int:
-    """Period along axis 1 of ``image``; see :func:`detect_tile_period`."""
+def _axis_scores(image: np.ndarray, min_period: int, max_period: int, min_repeats: int,
+                 n_bands: int, name: str) -> tuple[np.ndarray, np.ndarray, list]:
+    """Candidate periods along axis 1 of ``image``, their scores and band profiles
+    (:func:`_period_scores`); see :func:`detect_tile_period`."""
     n = image.shape[1]
     hi = min(max_period, n // min_repeats)
     if hi < min_period:
         raise InputError(f"detect_tile_period: the image is {n} px along {name}, too short for "
-                         f"{min_repeats} periods of >= {min_period} px")
+                         f"{min_repeats} periods of >= {min_period} px; set grid.tile_px to the "
+                         "scan's tile size")
     periods = np.arange(min_period, hi + 1)
-    # the first difference suppresses smooth image content and sharpens tile seams
-    profiles = np.diff(_band_profiles(image, max(1, min(n_bands, image.shape[0] // 4))), axis=1)
-    scores = _period_scores(profiles, periods)
-    best = float(scores.max())
-    if not np.isfinite(best) or best < min_score:
+    lines = _log_intensity(_line_bins(image))
+    scores, profiles = _period_scores(lines, periods, max(1, min(n_bands, lines.shape[0] // 4)))
+    if not np.isfinite(scores).any():
         raise InputError(f"detect_tile_period: no tile periodicity along {name} between "
-                         f"{min_period} and {hi} px (best score {best:.2f} < {min_score})")
-    # multiples of the period score about as well as the period itself, and so may its
-    # neighbours for smooth gain patterns: take the smallest local maximum close to the best
-    left = np.concatenate([[-np.inf], scores[:-1]])
-    right = np.concatenate([scores[1:], [-np.inf]])
-    peak = (scores >= left) & (scores >= right) & (scores >= 0.85 * best)
-    P = int(periods[peak][0])
-    log.info("tile period along %s: %d px (score %.2f; best %.2f at %d px)", name, P,
-             float(scores[periods == P][0]), best, int(periods[np.argmax(scores)]))
-    return P
+                         f"{min_period} and {hi} px: the image has no positive value; set "
+                         "grid.tile_px to the scan's tile size")
+    return periods, scores, profiles
+
+
+def _square_fallback(periods: np.ndarray, scores: np.ndarray, other: int | None,
+                     min_score: float) -> int | None:
+    """``other`` (the period found along the other axis) when it is this axis's best candidate
+    too, within 85 % of its best score and scoring at least ``DETECT_SQUARE_FRACTION *
+    min_score`` (a weaker pattern along one axis of a square tile); else None."""
+    if other is None or other not in periods:
+        return None
+    s = float(scores[periods == other][0])
+    ok = s >= DETECT_SQUARE_FRACTION * min_score and s >= 0.85 * float(scores.max())
+    return other if ok else None
+
+
+def _axis_periods(axes: dict, min_score: float) -> dict:
+    """Tile period of each axis ``{"y" | "x": (n, periods, scores, profiles)}`` (line length and
+    :func:`_axis_scores`): :func:`_pick_period` where the best score reaches ``min_score``, else
+    the other axis's period when :func:`_square_fallback` accepts it; axes without one are left
+    out."""
+    found = {name: _pick_period(periods, scores, profiles, n, min_score)
+             for name, (n, periods, scores, profiles) in axes.items()
+             if scores.max() >= min_score}
+    for name, (_, periods, scores, _) in axes.items():
+        other = found.get("x" if name == "y" else "y")
+        if name not in found and _square_fallback(periods, scores, other, min_score):
+            found[name] = other
+    return found
 
 
 def detect_tile_period(image: np.ndarray, *, min_period: int = 8, max_period: int = 256,
                        min_score: float = 0.4, min_repeats: int = 3,
-                       n_bands: int = 4) -> tuple[int, int]:
+                       n_bands: int = 8) -> tuple[int, int]:
     """Tile size ``(ty, tx)`` in pixels from the periodicity of the image along y and x.
 
-    Along x (likewise y): the image is cut into ``n_bands`` bands of rows; the first difference
-    of each band's column-mean profile is detrended with a moving average over the candidate
-    period and cut into periods; the score of the period is the mean correlation between all
-    these segments (autocorrelation at the lag of the period, pooled over bands and repeats).
-    The tile size is the smallest local maximum of the score within 85 % of the best score.
-    The grid must stand out against the image content: a faint, smooth vignetting on a strongly
-    textured image is not detected (give the tile size instead).
+    Along x (likewise y), tiles being anchored at pixel 0: the log image (a multiplicative gain
+    becomes additive) is reduced to at most :data:`DETECT_MAX_LINES` rows; for each candidate
+    period P, every row minus its moving mean over P, or its moving median over about P (the
+    better of the two scores), removes the image's trend and keeps a P-periodic pattern
+    whole; ``n_bands`` bands of rows are reduced to their median profiles (keeps what all rows
+    share, such as the tile gain, drops oblique tissue edges); the profiles are cut into their
+    whole periods and each period is predicted by the median of the other periods of all bands;
+    the score is the fraction of the typical variance that this prediction explains, position
+    by position (:func:`_period_score`), so that a structure held by a few periods (a tissue
+    edge, a bright spot) barely counts. Three whole periods per axis are enough. The tile size
+    is the smallest peak of the score within 85 % of the best one, placed to the pixel by the
+    seams when they are sharp, and moved to a neighbour within 10 % that divides the image size
+    when that one scores about as well (:func:`_pick_period`; a scan mosaic is whole tiles).
+    An axis whose best score misses ``min_score`` takes the other axis's period when that is
+    its best candidate too and scores at least half of ``min_score`` (:func:`_square_fallback`;
+    scan tiles are square, a gain may vary less along one axis). The grid must stand out
+    against the image content: a faint, smooth vignetting on a strongly textured image is not
+    detected (give the tile size instead).
 
     Parameters
     ----------
     image : ndarray, shape (ny, nx) or (k, ny, nx)
-        Image (a stack is summed over components first); NaN = not acquired.
+        Non-negative image (a stack is summed over components first); NaN = not acquired.
     min_period, max_period : int
         Range of candidate periods (pixels).
     min_score : float
-        Smallest score (mean correlation between periods, -1..1) accepted as a grid.
+        Smallest score (fraction of variance explained by the repeated pattern, <= 1; about 0
+        or below without a grid) accepted as a grid.
     min_repeats : int
         Periods longer than the image size divided by this are not considered.
     n_bands : int
-        Number of bands the image is cut into across the direction analysed.
+        Number of bands the image is cut into across the direction analysed (>= 4 lines each).
 
     Returns
     -------
@@ -231,7 +436,8 @@ def detect_tile_period(image: np.ndarray, *, min_period: int = 8, max_period: in
     Raises
     ------
     InputError
-        No periodicity in the range along y or x.
+        No periodicity in the range along y or x; the message names the best candidate period
+        and its score, and asks for ``grid.tile_px``.
     """
     img = np.asarray(image, dtype=np.float64)
     if img.ndim == 3:
@@ -240,10 +446,21 @@ def detect_tile_period(image: np.ndarray, *, min_period: int = 8, max_period: in
         raise InputError(f"detect_tile_period: expected an image (ny, nx), got shape {img.shape}")
     if not np.isfinite(img).any():
         raise InputError("detect_tile_period: the image has no finite pixel")
-    args = (int(min_period), int(max_period), float(min_score), int(min_repeats), int(n_bands))
-    ty = _detect_1d(img.T, *args, "y")
-    tx = _detect_1d(img, *args, "x")
-    return ty, tx
+    min_score = float(min_score)
+    args = (int(min_period), int(max_period), int(min_repeats), int(n_bands))
+    axes = {name: (a.shape[1], *_axis_scores(a, *args, name))
+            for name, a in (("y", img.T), ("x", img))}
+    found = _axis_periods(axes, min_score)
+    for name, (_, periods, scores, _) in axes.items():
+        if name not in found:
+            raise InputError(f"detect_tile_period: no tile periodicity along {name} between "
+                             f"{periods[0]} and {periods[-1]} px: best candidate "
+                             f"{int(periods[np.argmax(scores)])} px (score {scores.max():.2f} < "
+                             f"{min_score:.2f}); set grid.tile_px to the scan's tile size")
+        log.info("tile period along %s: %d px (score %.2f; best %.2f at %d px)", name,
+                 found[name], float(scores[periods == found[name]][0]), float(scores.max()),
+                 int(periods[np.argmax(scores)]))
+    return found["y"], found["x"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from msifusion.degrid import (check_tile_divides, degrid_converted, degrid_nmf_f
                               remove_grid, select_gain_smooth)
 from msifusion.store import ConvertedReader, write_converted
 from msifusion.errors import InputError
-from msifusion.nmf import read_nmf, write_nmf
+from msifusion.store import read_nmf, write_nmf
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real"
 
@@ -57,6 +57,124 @@ def test_detect_no_periodicity_raises():
     img = smooth_image(200, 200, seed=1) + 0.05 * rng.random((200, 200))
     with pytest.raises(InputError, match="no tile periodicity"):
         detect_tile_period(img)
+
+
+# --- ToF-SIMS-like fields (the phantom's count model) with only three tiles per axis (issue 14)
+
+def tissue_field(shape, seed=0):
+    """Structure maps (names of ``phantom.STRUCTURES`` -> (ny, nx), values in [0, 1]) of a
+    ToF-SIMS field of view beside a tissue edge, like the phantom's: the edge (an arc of a circle
+    centred outside the field) crosses the field, a bright cortex band runs inside it, a lobe
+    with fine stripes (9 px) and small bright dots lie in the tissue."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    y, x = np.mgrid[:ny, :nx].astype(float)
+    ang = rng.uniform(0, 2 * np.pi)
+    r = 1.6 * max(ny, nx)
+    cy, cx = ny / 2 + 1.05 * r * np.sin(ang), nx / 2 + 1.05 * r * np.cos(ang)
+    depth = r - np.hypot(y - cy, x - cx) + rng.uniform(0.05, 0.2) * max(ny, nx) - 0.05 * r
+    tissue = np.clip(depth / 1.5 + 0.5, 0, 1)                      # depth in px inside the edge
+    ly, lx = ny / 2 + 0.3 * ny * np.sin(ang), nx / 2 + 0.3 * nx * np.cos(ang)
+    lobe = tissue * (np.hypot(y - ly, x - lx) < 0.25 * min(ny, nx))
+    th = rng.uniform(0, np.pi)
+    stripes = lobe * (np.sin(2 * np.pi * (x * np.cos(th) + y * np.sin(th)) / 9) > 0.5)
+    dots = np.zeros(shape)
+    for _ in range(ny * nx // 600):
+        dy, dx = rng.uniform(0, ny), rng.uniform(0, nx)
+        dots = np.maximum(dots, np.hypot(y - dy, x - dx) < rng.uniform(1.5, 3))
+    return {"tissue": tissue, "cortex": tissue * np.exp(-((depth - 7) / 4) ** 2), "lobe": lobe,
+            "lines_b": stripes, "dots_a": dots * tissue,
+            "core": tissue * (1 - np.abs(depth / max(ny, nx) - 0.3)), "offtissue": 1 - tissue}
+
+
+def tofsims_total(shape, tile_px=None, gain=None, seed=0):
+    """Total ion counts (ny, nx) of :func:`tissue_field` under the phantom's ToF-SIMS model
+    (``phantom._tofsims_counts``: species fragments, Poisson counts, summed over m/z), with the
+    phantom's tile gain of ``tile_px``, or the tile ``gain (ty, tx)`` applied to the expected
+    counts instead (the phantom gain of a 1-px tile is a constant)."""
+    from msifusion import phantom
+
+    ny, nx = shape
+    foot = np.zeros((ny * nx, len(phantom.STRUCTURES)))
+    for name, m in tissue_field(shape, seed).items():
+        foot[:, phantom.STRUCTURES.index(name)] = m.ravel()
+    yy, xx = np.mgrid[:ny, :nx]
+    xy = np.c_[xx.ravel(), yy.ravel()]
+    if gain is not None:
+        foot *= tiled(gain, shape).ravel()[:, None]
+        tile_px = 1
+    counts = phantom._tofsims_counts(np.random.default_rng(seed + 1000), foot, xy, tile_px)
+    return counts.sum(axis=1).reshape(shape).astype(np.float64)
+
+
+def radial_vignette(ty, tx, a=0.3):
+    """Tile gain ``1 - a r^2``, ``r`` the distance to the tile centre in half-tile units (1 at
+    the middle of the tile edges)."""
+    u = (np.arange(ty) - (ty - 1) / 2) / (ty / 2)
+    v = (np.arange(tx) - (tx - 1) / 2) / (tx / 2)
+    return 1 - a * (u[:, None] ** 2 + v[None, :] ** 2)
+
+
+def ramp_gain(ty, tx):
+    """Tile gain: ramps 0.9 -> 1.1 along y and 0.85 -> 1.15 along x, so a step back at every
+    seam."""
+    return np.outer(0.9 + 0.2 * np.arange(ty) / ty, 0.85 + 0.3 * np.arange(tx) / tx)
+
+
+@pytest.mark.parametrize("shape,tile", [((120, 120), 40), ((120, 160), 40), ((75, 75), 25)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_detect_three_tiles_per_axis_phantom_tofsims(shape, tile, seed):
+    """Issue 14: a field of three tiles per axis (the phantom's ToF-SIMS counts and tile gain:
+    vignetting along y, vignetting and ramp along x) is detected; the first difference of the
+    profiles left 2 whole periods of 119 samples and lost the vignetting in the counting noise."""
+    assert detect_tile_period(tofsims_total(shape, tile_px=tile, seed=seed)) == (tile, tile)
+
+
+@pytest.mark.parametrize("gain,shape", [(radial_vignette(40, 40), (120, 120)),
+                                        (radial_vignette(40, 40), (120, 160)),
+                                        (ramp_gain(40, 40), (120, 120)),
+                                        (radial_vignette(25, 25), (75, 75))])
+def test_detect_three_tiles_per_axis_other_gains_with_nan(gain, shape):
+    img = tofsims_total(shape, gain=gain, seed=0)
+    img[:12, :20] = np.nan                                    # not acquired
+    img[shape[0] // 2:shape[0] // 2 + 10, -15:] = np.nan
+    assert detect_tile_period(img) == gain.shape
+
+
+@pytest.mark.parametrize("shape", [(120, 120), (75, 75), (120, 160)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detect_no_false_grid_on_tofsims_like_fields(shape, seed):
+    """Tissue edges, cortex band, stripes, dots and counting noise without a tile gain."""
+    with pytest.raises(InputError, match="no tile periodicity"):
+        detect_tile_period(tofsims_total(shape, gain=np.ones((1, 1)), seed=seed))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_detect_no_false_grid_on_noise_free_smooth_images(seed):
+    """Noise-free smooth images are locally regular at any scale: no grid either."""
+    for shape in ((75, 75), (120, 120), (200, 160)):
+        with pytest.raises(InputError, match="no tile periodicity"):
+            detect_tile_period(smooth_image(*shape, seed=seed))
+
+
+def test_detect_failure_names_best_candidate():
+    """Issue 14: when it gives up, the error names the best candidate per axis and its score and
+    asks for grid.tile_px. Here a straight tissue edge runs along x through the middle tile row
+    and hides the weaker gain ramp along y; x alone is not enough."""
+    img = tofsims_total((120, 120), gain=ramp_gain(40, 40), seed=2)
+    with pytest.raises(InputError, match=r"no tile periodicity along y between 8 and 40 px: best "
+                                         r"candidate 40 px \(score 0\.\d\d < 0\.40\); set "
+                                         r"grid\.tile_px to the scan's tile size"):
+        detect_tile_period(img)
+    img = tofsims_total((120, 120), tile_px=40, seed=0)
+    with pytest.raises(InputError, match=r"along y between 8 and 40 px: best candidate 40 px "
+                                         r"\(score 0\.\d\d < 0\.99\)"):
+        detect_tile_period(img, min_score=0.99)
+    with pytest.raises(InputError, match=r"along y between 8 and 25 px: best candidate \d+ px "
+                                         r"\(score -?\d\.\d\d < 0\.40\); set grid\.tile_px"):
+        detect_tile_period(tofsims_total((75, 75), gain=np.ones((1, 1)), seed=0))
+    with pytest.raises(InputError, match=r"too short for 3 periods of >= 8 px; set grid\.tile_px"):
+        detect_tile_period(np.ones((20, 100)))
 
 
 @pytest.mark.parametrize("tile,shape", [(40, (200, 230)), (64, (200, 300))])
