@@ -14,6 +14,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/convert.smk"
+include: "rules/image.smk"
 include: "rules/nmf.smk"
 include: "rules/section.smk"
 include: "rules/fuse.smk"

@@ -57,6 +57,15 @@ def cmd_nmf(a):
         components_figure(a.out, a.figure)
 
 
+def cmd_image(a):
+    from .config import file_id
+    from .steps.image import image_step
+
+    image_step(a.image, a.out, modality=a.modality, file_id=a.file_id or file_id(a.image),
+               pixel_size_um=a.pixel_size_um, force_pixel_size=a.force_pixel_size,
+               stain=a.stain, max_pixels=a.max_pixels, memory_mb=a.memory_mb, figure=a.figure)
+
+
 def cmd_degrid(a):
     from .steps.degrid import degrid_step
 
@@ -67,7 +76,8 @@ def cmd_crop(a):
     from .steps.section import crop_step
 
     crop_step(a.nmf, a.file_id, a.out, section=a.section, modality=a.modality, roi=a.roi,
-              pixel_size_um=a.pixel_size_um, force_pixel_size=a.force_pixel_size)
+              pixel_size_um=a.pixel_size_um, force_pixel_size=a.force_pixel_size,
+              all_tissue=a.all_tissue)
 
 
 def cmd_register(a):
@@ -76,7 +86,8 @@ def cmd_register(a):
     qc = a.qc or str(Path(a.out).with_suffix(".png"))
     register_step(a.coarse, a.fine, a.out, qc, model=a.model, n_starts=a.n_starts,
                   mirror=a.mirror, iterations=a.iterations, min_score=a.min_score,
-                  min_margin=a.min_margin, seed=a.seed)
+                  min_margin=a.min_margin, min_boundary=a.min_boundary, min_ncc=a.min_ncc,
+                  seed=a.seed)
 
 
 def cmd_fuse(a):
@@ -237,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--figure", help="PNG of component maps and spectra")
     s.set_defaults(func=cmd_nmf)
 
+    s = sub.add_parser("image", help="a microscopy image as a chain level: features, tissue "
+                       "mask, pixel size (NMF-file layout, for crop)")
+    s.add_argument("image", help="TIFF / OME-TIFF / PNG / JPEG")
+    s.add_argument("out")
+    s.add_argument("--file-id", help="maps name in OUT (default: from the file name)")
+    s.add_argument("--modality", default="image")
+    s.add_argument("--pixel-size-um", type=float,
+                   help="level-0 pixel size (um) when the file states none")
+    s.add_argument("--force-pixel-size", action="store_true",
+                   help="--pixel-size-um replaces the file's pixel size")
+    s.add_argument("--stain", choices=["auto", "brightfield", "fluorescence"],
+                   default=default("modality.image.stain"))
+    s.add_argument("--max-pixels", type=int, default=default("modality.image.max_pixels"),
+                   help="working grid size bound (block-averaged)")
+    s.add_argument("--memory-mb", type=float, default=default("modality.image.memory_mb"),
+                   help="reading memory beyond the working grid")
+    s.add_argument("--figure", help="PNG of the image, tissue outline and features")
+    s.set_defaults(func=cmd_image)
+
     s = sub.add_parser("degrid", help="remove the scan-tile grid from an NMF file's maps")
     s.add_argument("inp")
     s.add_argument("out")
@@ -258,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel size (um) when the imzML states none")
     s.add_argument("--force-pixel-size", action="store_true",
                    help="--pixel-size-um replaces the imzML's pixel size")
+    s.add_argument("--all-tissue", action="store_true",
+                   help="every acquired pixel is tissue (no automatic mask)")
     s.set_defaults(func=cmd_crop)
 
     s = sub.add_parser("register", help="register a fine section maps file to a coarse one")
@@ -271,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iterations", type=int, default=default("registration.iterations"))
     s.add_argument("--min-score", type=float, default=default("registration.min_score"))
     s.add_argument("--min-margin", type=float, default=default("registration.min_margin"))
+    s.add_argument("--min-boundary", type=float, default=default("registration.min_boundary"))
+    s.add_argument("--min-ncc", type=float, default=default("registration.min_ncc"))
     s.add_argument("--seed", type=int, default=default("seed"))
     s.set_defaults(func=cmd_register)
 

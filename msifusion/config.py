@@ -20,25 +20,29 @@ import jsonschema
 import yaml
 
 from .errors import InputError
-from .metadata import PixelSize, resolve_pixel_size
+from .image import SUPPORTED_EXTENSIONS
+from .metadata import PixelSize, resolve_pixel_size, working_roi
 from .schema import load_schema, resolve_ref
 
 log = logging.getLogger("msifusion.config")
 
 SHEET_COLUMNS = ("section", "modality", "imzml", "roi")
+#: Accepted names of the third column (the data file: an imzML or, for an image level, an image).
+FILE_COLUMNS = ("imzml", "file")
 _SECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROI_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*$")
 _YAML_NULLS = ("null", "Null", "NULL", "~", "")
 
 
 def file_id(path) -> str:
-    """Identifier of an imzML file used in result paths: its stem with unsafe characters replaced.
+    """Identifier of a data file (imzML or image) used in result paths: its stem with unsafe
+    characters replaced.
 
-    >>> file_id("data/run 1/FT-ICR_brain.imzML")
-    'FT-ICR_brain'
+    >>> file_id("data/run 1/FT-ICR_brain.imzML"), file_id("he/slide 3.ome.tiff")
+    ('FT-ICR_brain', 'slide_3')
     """
     stem = Path(str(path)).name
-    stem = re.sub(r"\.imzml$", "", stem, flags=re.IGNORECASE)
+    stem = re.sub(r"(\.imzml|(\.ome)?\.(tiff?|btf)|\.png|\.jpe?g)$", "", stem, flags=re.IGNORECASE)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)
 
 
@@ -214,7 +218,8 @@ class Acquisition:
 
     section: str
     modality: str
-    imzml: str
+    #: The data file: an imzML, or the image of an image level.
+    path: str
     file_id: str
     roi: tuple[int, int, int, int] | str | None
     row: int
@@ -222,8 +227,10 @@ class Acquisition:
     #: and their number; the file's tissue sections, left to right, are given out in that order.
     auto_index: int = 0
     auto_count: int = 0
-    #: The ``.ibd`` beside the imzML (its extension matched case-insensitively).
+    #: The ``.ibd`` beside the imzML (its extension matched case-insensitively); "" for images.
     ibd: str = ""
+    #: ``"imzml"`` or ``"image"`` (:func:`file_kind`).
+    kind: str = "imzml"
 
     @property
     def roi_param(self) -> list[int] | str | None:
@@ -238,8 +245,11 @@ class Study:
     config: dict
     sheet: str
     acquisitions: list[Acquisition] = field(default_factory=list)
-    #: Per imzML path: the decided pixel size (:func:`check_study` fills it).
+    #: Per data file: the decided pixel size (:func:`check_study` fills it).
     pixel_sizes: dict[str, PixelSize] = field(default_factory=dict)
+    #: Per image file: the factor it is block-averaged by for its working grid
+    #: (:func:`msifusion.image.choose_downsample`, decided by :func:`check_study`).
+    downsample: dict[str, int] = field(default_factory=dict)
 
     @property
     def chain(self) -> list[str]:
@@ -261,8 +271,12 @@ class Study:
         raise KeyError((section, modality))
 
     def files(self, modality: str) -> dict[str, str]:
-        """``{file_id: imzml path}`` of one modality, in sheet order."""
-        return {a.file_id: a.imzml for a in self.acquisitions if a.modality == modality}
+        """``{file_id: data file path}`` of one modality, in sheet order."""
+        return {a.file_id: a.path for a in self.acquisitions if a.modality == modality}
+
+    def kind(self, modality: str) -> str:
+        """``"imzml"`` or ``"image"``: what the modality's files are (one kind per modality)."""
+        return next(a.kind for a in self.acquisitions if a.modality == modality)
 
     def ibd(self, modality: str, file_id: str) -> str:
         """The ``.ibd`` path of one of the modality's files."""
@@ -275,24 +289,63 @@ class Study:
 
     def summary(self) -> list[str]:
         """Lines for the start-up log: the chain, sections, files and their pixel sizes."""
+        kinds = [a.kind for a in {a.path: a for a in self.acquisitions}.values()]
+        files = f"{kinds.count('imzml')} imzML file(s)" + (
+            f", {kinds.count('image')} image(s)" if "image" in kinds else "")
         lines = [f"chain {' -> '.join(self.chain)}; {len(self.sections)} section(s): "
-                 f"{', '.join(self.sections)}; "
-                 f"{len({a.imzml for a in self.acquisitions})} imzML file(s)"]
+                 f"{', '.join(self.sections)}; {files}"]
         for modality in self.chain:
             for fid, path in self.files(modality).items():
                 px = self.pixel_sizes.get(path)
-                if px is not None:
-                    lines.append(f"{modality} {fid}: pixel size {px.um:g} um ({px.source})"
-                                 + (f"; {px.note}" if px.note else ""))
+                if px is None:
+                    continue
+                size = (f"pixel size {px.um:g} um ({px.source})" if px.source != "none" else
+                        "pixel size unknown: the registration finds the scale")
+                f = self.downsample.get(path)
+                read = (f"; read block-averaged by {f}" + (f" ({px.um * f:g} um pixels)"
+                                                           if px.source != "none" else "")
+                        if f else "")
+                lines.append(f"{modality} {fid}: {size}{read}"
+                             + (f"; {px.note}" if px.note else ""))
         return lines
 
 
-def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisition]:
+def file_kind(path: str | os.PathLike, configured: str = "auto", *, where: str = "",
+              modality: str = "") -> str:
+    """What a data file of the sections sheet is: ``"imzml"`` or ``"image"`` (a microscopy image,
+    :data:`msifusion.image.SUPPORTED_EXTENSIONS`), from its name ending, checked against the
+    modality's configured ``kind`` (``auto``: the ending decides).
+
+    Raises
+    ------
+    InputError
+        The ending is neither, or it contradicts the configured kind.
+
+    >>> file_kind("s1.imzML"), file_kind("he.ome.tif")
+    ('imzml', 'image')
+    """
+    name = Path(path).name.lower()
+    kind = ("imzml" if name.endswith(".imzml") else
+            "image" if name.endswith(SUPPORTED_EXTENSIONS) else None)
+    key = f"modalities.{modality}.kind"
+    if kind is None:
+        raise InputError(f"{where}: {Path(path).name!r} is neither an .imzML file nor an image "
+                         f"({', '.join(SUPPORTED_EXTENSIONS)})")
+    if configured not in ("auto", kind):
+        raise InputError(f"{where}: {Path(path).name!r} is an {'imzML file' if kind == 'imzml' else 'image'}"
+                         f" but '{key}' is {configured!r}")
+    return kind
+
+
+def read_sections(sheet: str | os.PathLike, chain: list[str],
+                  kinds: dict[str, str] | None = None) -> list[Acquisition]:
     """Read and check the sections sheet.
 
-    imzML paths are taken relative to the sheet's folder unless absolute. Every section must list
-    every modality of the chain exactly once; every imzML must be a file with its ``.ibd`` beside
-    it. A UTF-8 byte-order mark (spreadsheet export) is skipped.
+    Data file paths (third column, ``imzml`` or ``file``) are taken relative to the sheet's folder
+    unless absolute. Every section must list every modality of the chain exactly once; every file
+    must exist, be of its modality's kind (``kinds``: ``modalities.<name>.kind`` of the config,
+    :func:`file_kind`; one kind per modality) and, for imzML, have its ``.ibd`` beside it. A UTF-8
+    byte-order mark (spreadsheet export) is skipped.
     """
     from .imzml import find_ibd
 
@@ -313,36 +366,41 @@ def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisitio
         raise InputError(f"{sheet}: the sections sheet is empty (add the header "
                          f"{' '.join(SHEET_COLUMNS)} and one row per section and modality)")
     header = [h.strip() for h in header]
-    if tuple(header[:4]) != SHEET_COLUMNS:
+    if (len(header) < 4 or tuple(header[:2]) != SHEET_COLUMNS[:2] or header[2] not in FILE_COLUMNS
+            or header[3] != SHEET_COLUMNS[3]):
         raise InputError(f"{sheet}: header must be the tab-separated columns "
-                         f"{' '.join(SHEET_COLUMNS)}, got {' '.join(header)!r}")
+                         f"{' '.join(SHEET_COLUMNS)} (the third may be called 'file'), got "
+                         f"{' '.join(header)!r}")
+    kinds = kinds or {}
     acquisitions: list[Acquisition] = []
     ids: dict[tuple[str, str], str] = {}
     for i, fields in enumerate(reader, start=2):
         where = f"{sheet}, row {i}"
         if len(fields) < 4:
             raise InputError(f"{where}: expected 4 tab-separated columns, got {len(fields)}")
-        section, modality, imzml, roi = (f.strip() for f in fields[:4])
+        section, modality, name, roi = (f.strip() for f in fields[:4])
         if not _SECTION_RE.match(section):
             raise InputError(f"{where}: section id {section!r} must be letters, digits, '_', '.', '-'")
         if modality not in chain:
             raise InputError(f"{where}: modality {modality!r} is not in the chain {chain}")
-        path = Path(imzml)
+        path = Path(name)
         if not path.is_absolute():
             path = sheet.parent / path
         path = Path(canonical_path(path))
-        if path.suffix.lower() != ".imzml":
-            raise InputError(f"{where}: {imzml!r} is not an .imzML file")
+        kind = file_kind(path, kinds.get(modality, "auto"), where=where, modality=modality)
+        what = "imzML file" if kind == "imzml" else "image"
         if not path.exists():
-            raise InputError(f"{where}: imzML file not found: {path}")
+            raise InputError(f"{where}: {what} not found: {path}")
         if not path.is_file():
             raise InputError(f"{where}: {path} is not a file (a folder?)")
-        try:
-            ibd = canonical_path(find_ibd(path))
-        except InputError as err:
-            raise InputError(f"{where}: {err}") from err
+        ibd = ""
+        if kind == "imzml":
+            try:
+                ibd = canonical_path(find_ibd(path))
+            except InputError as err:
+                raise InputError(f"{where}: {err}") from err
         acquisitions.append(Acquisition(section, modality, str(path), "", parse_roi(roi, where), i,
-                                        ibd=ibd))
+                                        ibd=ibd, kind=kind))
     if not acquisitions:
         raise InputError(f"{sheet}: the sections sheet lists no sections (add one row per section "
                          "and modality below the header; see config/README.md)")
@@ -352,6 +410,11 @@ def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisitio
             raise InputError(f"{sheet}, row {a.row}: section {a.section!r} lists modality "
                              f"{a.modality!r} twice")
         seen.add((a.section, a.modality))
+    for modality in chain:
+        rows = [a for a in acquisitions if a.modality == modality]
+        if len({a.kind for a in rows}) > 1:
+            raise InputError(f"{sheet}: modality {modality!r} mixes imzML files and images (rows "
+                             f"{', '.join(str(a.row) for a in rows)}); one kind per modality")
     for section in dict.fromkeys(a.section for a in acquisitions):
         absent = [m for m in chain if (section, m) not in seen]
         if absent:
@@ -359,16 +422,16 @@ def read_sections(sheet: str | os.PathLike, chain: list[str]) -> list[Acquisitio
                              f"{', '.join(map(repr, absent))} (every section needs the whole chain)")
     # Unique file ids per modality (two folders may hold files of the same name).
     for modality in chain:
-        paths = list(dict.fromkeys(a.imzml for a in acquisitions if a.modality == modality))
+        paths = list(dict.fromkeys(a.path for a in acquisitions if a.modality == modality))
         names = _unique_ids(paths)
         ids.update({(modality, p): n for p, n in zip(paths, names)})
     autos: dict[tuple[str, str], list[int]] = {}
     for i, a in enumerate(acquisitions):
         if a.roi == "auto":
-            autos.setdefault((a.modality, a.imzml), []).append(i)
+            autos.setdefault((a.modality, a.path), []).append(i)
     rank = {i: (k, len(rows)) for rows in autos.values() for k, i in enumerate(rows)}
-    return [Acquisition(a.section, a.modality, a.imzml, ids[(a.modality, a.imzml)], a.roi, a.row,
-                        *rank.get(i, (0, 0)), ibd=a.ibd)
+    return [Acquisition(a.section, a.modality, a.path, ids[(a.modality, a.path)], a.roi, a.row,
+                        *rank.get(i, (0, 0)), ibd=a.ibd, kind=a.kind)
             for i, a in enumerate(acquisitions)]
 
 
@@ -380,12 +443,34 @@ def _unique_ids(paths: list[str]) -> list[str]:
     return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def check_kinds(study: Study, source: str = "config") -> None:
+    """What an image level cannot be: the reference (it gives the fused products their spectra)
+    or a tiled MSI scan (grid removal).
+
+    Raises
+    ------
+    InputError
+        Naming the key.
+    """
+    ref = study.reference
+    if study.kind(ref) == "image":
+        raise InputError(f"{source}: key 'modalities.{ref}.kind': the reference (first in chain) "
+                         f"'{ref}' gives the fused products their spectra: it must be an imzML "
+                         f"modality, not an image ({next(iter(study.files(ref).values()))})")
+    for name in study.chain:
+        if study.kind(name) == "image" and study.config["modalities"][name]["grid"]["enabled"]:
+            raise InputError(f"{source}: key 'modalities.{name}.grid.enabled': '{name}' is an "
+                             "image level; the scan-tile grid removal is for MSI acquisitions")
+
+
 def check_study(study: Study) -> None:
     """Everything about a study that can be known before the first job, all problems at once.
 
-    Reads only the imzML headers (milliseconds per file). Checks: each file's header; each ROI
-    inside the image its header states; each file's pixel size (:func:`resolve_pixel_size`, the
-    result is kept in ``study.pixel_sizes``); a configured scan tile divides the image; every
+    Reads only the file headers (milliseconds per file, whole-slide images included). Checks:
+    each file's header; each ROI inside the image its header states; each file's pixel size
+    (:func:`resolve_pixel_size`, the result is kept in ``study.pixel_sizes``) and, for an image
+    level, the factor it is read at (``study.downsample``); a configured scan tile divides the
+    image; every
     configured ``rois`` entry (box order, ``level`` in the chain, mask files present, loadable
     and of the level's section size, boxes inside it, where that size is known from the sheet and
     headers); the ground-truth files of ``evaluation.truth``.
@@ -395,22 +480,20 @@ def check_study(study: Study) -> None:
     InputError
         Listing every problem found, each naming its file, row or key.
     """
-    from .imzml import read_imzml_header
-
     cfg, sheet = study.config, study.sheet
     problems: list[str] = []
     headers: dict[str, dict] = {}
     for a in study.acquisitions:
-        if a.imzml in headers:
+        if a.path in headers:
             continue
         try:
-            headers[a.imzml] = read_imzml_header(a.imzml)
+            headers[a.path] = read_header(a.path, a.kind)
         except InputError as err:
             problems.append(f"{sheet}, row {a.row}: {err}")
-            headers[a.imzml] = {}
-    shapes = {path: h.get("image_shape") for path, h in headers.items()}
+            headers[a.path] = {}
     for a in study.acquisitions:
-        problems += _check_acquisition(study, a, headers[a.imzml], shapes[a.imzml])
+        problems += _check_acquisition(study, a, headers[a.path])
+    shapes = {path: _grid_shape(study, path, h) for path, h in headers.items()}
     for roi in cfg.get("rois", []):
         problems += _check_config_roi(study, roi, shapes)
     truth = cfg.get("evaluation", {}).get("truth")
@@ -428,43 +511,86 @@ def check_study(study: Study) -> None:
         raise InputError(head + "\n  - ".join(problems))
 
 
-def _check_acquisition(study: Study, a: Acquisition, header: dict, shape) -> list[str]:
-    """Problems of one sheet row: ROI inside the image, pixel size, scan tile."""
+def read_header(path: str, kind: str) -> dict:
+    """What the start-up check needs of a data file, from its header alone: ``image_shape``
+    (ny, nx) (level 0 of an image; None when an imzML states no size), ``pixel_size_um`` (None
+    when the file states none) and, for an image, ``info`` (:class:`msifusion.image.ImageInfo`)
+    and ``pixel_size_note``."""
+    if kind == "image":
+        from .image import read_image_info
+
+        info = read_image_info(path)
+        return {"image_shape": info.shape, "pixel_size_um": info.pixel_size_um, "info": info,
+                "pixel_size_note": info.pixel_size_note}
+    from .imzml import read_imzml_header
+
+    return read_imzml_header(path)
+
+
+def _check_acquisition(study: Study, a: Acquisition, header: dict) -> list[str]:
+    """Problems of one sheet row: ROI inside the image, pixel size (and an image's read factor),
+    scan tile."""
     from .degrid import check_tile_divides
 
     problems, where = [], f"{study.sheet}, row {a.row}"
     mod = study.config["modalities"][a.modality]
+    shape = header.get("image_shape")
     if shape is not None and isinstance(a.roi, tuple):
         ny, nx = shape
         x0, x1, y0, y1 = a.roi
         if x1 > nx or y1 > ny:
             problems.append(f"{where}: roi {x0}:{x1},{y0}:{y1} of section {a.section!r} lies "
-                            f"outside the image of {a.imzml} ({nx} x {ny} pixels, x by y)")
-    if header and a.imzml not in study.pixel_sizes:
+                            f"outside the image of {a.path} ({nx} x {ny} pixels, x by y)")
+    if header and a.path not in study.pixel_sizes:
+        image = a.kind == "image"
         try:
-            study.pixel_sizes[a.imzml] = resolve_pixel_size(
+            px = resolve_pixel_size(
                 header.get("pixel_size_um"), mod["pixel_size_um"],
-                force=mod.get("force_pixel_size", False), where=f"{where}: {a.imzml}",
-                key=f"modalities.{a.modality}.pixel_size_um")
+                force=mod.get("force_pixel_size", False), where=f"{where}: {a.path}",
+                key=f"modalities.{a.modality}.pixel_size_um", required=not image,
+                origin="image" if image else "imzML")
         except InputError as err:
             problems.append(str(err))
+        else:
+            if image and header.get("pixel_size_note") and px.source in ("image", "none"):
+                note = header["pixel_size_note"]
+                px = type(px)(px.um, px.source, f"{px.note}; {note}" if px.note else note)
+            study.pixel_sizes[a.path] = px
+            if image:
+                from .image import choose_downsample
+
+                study.downsample[a.path] = choose_downsample(
+                    header["info"], max_pixels=mod["image"]["max_pixels"])
     grid = mod.get("grid", {})
     if grid.get("enabled") and grid.get("tile_px") and shape is not None:
         try:
-            check_tile_divides(shape, grid["tile_px"], where=f"{a.imzml}")
+            check_tile_divides(shape, grid["tile_px"], where=f"{a.path}")
         except InputError as err:
             problems.append(f"{where}: {err} (key 'modalities.{a.modality}.grid.tile_px')")
     return problems
 
 
+def _grid_shape(study: Study, path: str, header: dict) -> tuple[int, int] | None:
+    """(ny, nx) of a data file's grid as the workflow uses it: an imzML's acquisition grid, an
+    image's working grid (block-averaged by its read factor); None when unknown."""
+    shape = header.get("image_shape")
+    f = study.downsample.get(path, 1)
+    return None if shape is None else (int(shape[0]) // f, int(shape[1]) // f)
+
+
 def section_grid(study: Study, section: str, level: str, shapes: dict) -> tuple[int, int] | None:
-    """(ny, nx) of a section's grid on one level (its ROI of the acquisition), or None when not
-    known before running (roi ``auto``, or no image size in the header)."""
+    """(ny, nx) of a section's grid on one level (its ROI of the acquisition, on an image's
+    working grid), or None when not known before running (roi ``auto``, or no image size in the
+    header). ``shapes``: the files' grids (:func:`_grid_shape`)."""
     a = study.acquisition(section, level)
     if isinstance(a.roi, tuple):
-        x0, x1, y0, y1 = a.roi
+        f = study.downsample.get(a.path, 1)
+        x0, x1, y0, y1 = working_roi(a.roi, f) if a.kind == "image" else a.roi
+        grid = shapes.get(a.path)
+        if grid is not None:       # a partial last block of the image is not on the grid
+            x1, y1 = min(x1, grid[1]), min(y1, grid[0])
         return y1 - y0, x1 - x0
-    return shapes.get(a.imzml) if a.roi is None else None
+    return shapes.get(a.path) if a.roi is None else None
 
 
 def _check_config_roi(study: Study, roi: dict, shapes: dict) -> list[str]:
@@ -509,8 +635,10 @@ def load_study(config: dict, source: str = "config", check_images: bool = True) 
     """Validate ``config``, read its sections sheet and (``check_images``) check everything
     knowable before running (:func:`check_study`)."""
     config = validate_config(config, source=source)
-    acquisitions = read_sections(config["sections"], config["chain"])
+    acquisitions = read_sections(config["sections"], config["chain"],
+                                 {m: config["modalities"][m]["kind"] for m in config["chain"]})
     study = Study(config=config, sheet=config["sections"], acquisitions=acquisitions)
+    check_kinds(study, source)
     if check_images:
         check_study(study)
     return study

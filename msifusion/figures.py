@@ -207,3 +207,52 @@ def plot_components(maps: np.ndarray, spectra: np.ndarray, mz: np.ndarray,
     if title:
         fig.suptitle(title)
     _save_figure(fig, path)
+
+
+def plot_image_level(image: np.ndarray, features: np.ndarray, names, tissue: np.ndarray,
+                     path: str | os.PathLike, *, pixel_size_um: float, title: str = "") -> None:
+    """Figure of an image level as the workflow uses it: the image on its working grid with the
+    outline of its tissue mask, and each feature channel (the level's components).
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx, c)
+        The image as read (file units); RGB (c = 3) is drawn in colour (scaled to its own
+        99.5th percentile), other images as the sum of their channels.
+    features : ndarray, shape (k, ny, nx)
+    names : sequence of str
+        ``k`` channel names.
+    tissue : ndarray of bool, shape (ny, nx)
+    path : path-like
+        PNG output.
+    pixel_size_um : float
+        Working pixel size for the scale bars (NaN: none drawn).
+    """
+    image = np.asarray(image, dtype=np.float64)
+    features = np.asarray(features, dtype=np.float64)
+    if image.ndim != 3 or features.ndim != 3 or features.shape[1:] != image.shape[:2] \
+            or tuple(np.shape(tissue)) != image.shape[:2] or len(names) != features.shape[0]:
+        raise InputError(f"{path}: image {image.shape}, features {features.shape}, "
+                         f"{len(names)} names and tissue {np.shape(tissue)} do not match")
+    k = features.shape[0]
+    cols = min(k + 1, 4)
+    rows = -(-(k + 1) // cols)
+    ny, nx = image.shape[:2]
+    width = 3.2 * cols
+    fig = _new_figure(width, rows * (width / cols) * ny / nx + 0.6 * rows)
+    ax = fig.add_subplot(rows, cols, 1)
+    if image.shape[2] == 3:
+        top = max(float(np.percentile(image, 99.5)), 1e-12)
+        ax.imshow(np.clip(image / top, 0, 1), interpolation="nearest")
+    else:
+        ax.imshow(image.sum(axis=2), cmap="gray", interpolation="nearest")
+    ax.contour(np.asarray(tissue, dtype=float), levels=[0.5], colors="yellow", linewidths=0.6)
+    ax.set_title(f"image ({nx} x {ny} px), tissue {100 * np.mean(tissue):.0f} %", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for i in range(k):
+        _draw_map(fig, fig.add_subplot(rows, cols, i + 2), features[i], pixel_size_um=pixel_size_um,
+                  cmap="magma", label=None, title=str(names[i]))
+    if title:
+        fig.suptitle(title)
+    _save_figure(fig, path)

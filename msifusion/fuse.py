@@ -519,7 +519,7 @@ def _rows_needed(n_features: int) -> int:
 
 
 def _scales_that_fit(pairs: _Pairs, k: int, scales: tuple, *, min_coverage: float,
-                     level: str) -> tuple[_Pairs, tuple]:
+                     level: str, n_tissue: int = -1) -> tuple[_Pairs, tuple]:
     """Keep the features the training pixels can support: all ``scales`` when there are enough
     coarse pixels (:func:`_rows_needed`), else the finest ones (a small section with many
     components), with a warning; with too few pixels for even one scale, an error.
@@ -530,11 +530,15 @@ def _scales_that_fit(pairs: _Pairs, k: int, scales: tuple, *, min_coverage: floa
     n = len(pairs.rows)
     fit = max((s for s in range(1, len(scales) + 1) if _rows_needed(k * s) <= n), default=0)
     if fit == 0:
-        raise InputError(f"{level}: only {n} coarse pixels are inside the mask with >= "
-                         f"{min_coverage:.0%} coverage by acquired fine pixels; "
-                         f"{_rows_needed(k)} needed for {k} features (check the registration / "
-                         "the overlap of the fields of view, or lower the finer modality's "
-                         "nmf.rank)")
+        covered = int((pairs.cov >= min_coverage).sum())
+        raise InputError(f"{level}: only {n} coarse pixels are both tissue in the coarser "
+                         f"level's tissue mask ({n_tissue} pixels) and covered >= "
+                         f"{min_coverage:.0%} by acquired fine pixels ({covered} pixels); "
+                         f"{_rows_needed(k)} needed for {k} features. When the mask is the "
+                         "cause (few tissue pixels: a field that is all tissue), set "
+                         "modalities.<name>.all_tissue; when the coverage is, check the "
+                         "registration and the overlap of the fields of view; or lower the "
+                         "finer modality's nmf.rank")
     if fit < len(scales):
         log.warning("%s: %d training coarse pixels support %d of the %d feature scales "
                      "(%d components each; %d pixels needed for all): scales %s px used",
@@ -692,7 +696,9 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
 
     pairs = _training_pairs(target, mask, fine, m, scales, min_coverage=min_coverage,
                             supersample=supersample, level=level)
-    pairs, scales = _scales_that_fit(pairs, k1, scales, min_coverage=min_coverage, level=level)
+    n_tissue = int(mask.sum()) if mask is not None else int(np.isfinite(target).all(0).sum())
+    pairs, scales = _scales_that_fit(pairs, k1, scales, min_coverage=min_coverage, level=level,
+                                     n_tissue=n_tissue)
     rows = pairs.rows
     fold, block = _spatial_folds(np.column_stack(np.divmod(rows, coarse_shape[1])), n_folds, seed)
     n_used = int(fold.max()) + 1

@@ -342,7 +342,7 @@ def plain_attr(value):
 
 def write_nmf(path, *, spectra: np.ndarray, mz: np.ndarray, errors: np.ndarray,
               maps: dict[str, np.ndarray], map_attrs: dict[str, dict] | None = None,
-              attrs: dict | None = None) -> None:
+              attrs: dict | None = None, tissue: dict[str, np.ndarray] | None = None) -> None:
     """Write an NMF file (layout in ``docs/design.md``) atomically.
 
     Parameters
@@ -357,6 +357,9 @@ def write_nmf(path, *, spectra: np.ndarray, mz: np.ndarray, errors: np.ndarray,
         Attributes of each ``/maps/{file_id}`` dataset (``source``, ``pixel_size_um``).
     attrs : dict, optional
         Root attributes (``modality``, ``rank``, ``backend``, ``seed``, ``normalize``, ...).
+    tissue : dict file_id -> ndarray of bool (ny, nx), optional
+        Tissue masks the source itself gives (an image level's tissue-versus-background mask),
+        as ``/tissue/{file_id}``; the section maps use them instead of finding one.
     """
     map_attrs = map_attrs or {}
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
@@ -371,6 +374,9 @@ def write_nmf(path, *, spectra: np.ndarray, mz: np.ndarray, errors: np.ndarray,
                                  compression_opts=1)
             for key, value in map_attrs.get(fid, {}).items():
                 d.attrs[key] = "" if value is None else value
+        for fid, mask in (tissue or {}).items():
+            f.create_dataset(f"tissue/{fid}", data=np.asarray(mask, dtype=bool),
+                             compression="gzip", compression_opts=1)
         f.attrs["format"] = NMF_FORMAT
         for key, value in (attrs or {}).items():
             f.attrs[key] = "" if value is None else value
@@ -383,7 +389,8 @@ def read_nmf(path) -> dict:
     -------
     dict
         ``spectra`` (k, n_mz) float32, ``mz`` (n_mz,), ``errors`` (n_iter,), ``maps``
-        {file_id: (k, ny, nx) float32}, ``map_attrs`` {file_id: dict}, ``attrs`` dict.
+        {file_id: (k, ny, nx) float32}, ``map_attrs`` {file_id: dict}, ``attrs`` dict,
+        ``tissue`` {file_id: (ny, nx) bool} (empty unless the source gave masks).
     """
     path = Path(path)
     if not path.exists():
@@ -394,11 +401,13 @@ def read_nmf(path) -> dict:
             if missing:
                 raise InputError(f"{path}: not an NMF file (missing {', '.join(missing)})")
             out = {"spectra": f["spectra"][:], "mz": f["mz"][:], "errors": f["errors"][:],
-                   "maps": {}, "map_attrs": {},
+                   "maps": {}, "map_attrs": {}, "tissue": {},
                    "attrs": {k: plain_attr(v) for k, v in f.attrs.items()}}
             for fid, d in f["maps"].items():
                 out["maps"][fid] = d[:]
                 out["map_attrs"][fid] = {k: plain_attr(v) for k, v in d.attrs.items()}
+            for fid, d in f.get("tissue", {}).items():
+                out["tissue"][fid] = d[()].astype(bool)
     except OSError as err:
         raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err
     k = out["spectra"].shape[0]

@@ -83,6 +83,19 @@ def components(modality):
     return f"results/nmf/{modality}{suffix}.h5"
 
 
+def image_file(modality, file_id, ext="h5"):
+    """The features (ext h5) or figure (png) of one image of an image level (rule image)."""
+    return f"results/images/{modality}/{file_id}.{ext}"
+
+
+def section_components(section, modality):
+    """The component maps a section of one modality is cut from: the modality's NMF file, or for
+    an image level the features of the section's image."""
+    if STUDY.kind(modality) == "image":
+        return image_file(modality, STUDY.acquisition(section, modality).file_id)
+    return components(modality)
+
+
 def size_mb(paths):
     """Total size of existing input files in MB (0 for files not yet made)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
@@ -147,7 +160,11 @@ def output_groups():
         if config["export"]["imzml"]:
             groups += [(section, [f"results/{section}/fused_{m}.{ext}" for ext in ("imzML", "ibd")])
                        for m in CHAIN[1:]]
-    groups += [(None, [f"results/nmf/{m}_components.png"]) for m in CHAIN]
+    for m in CHAIN:
+        if STUDY.kind(m) == "image":
+            groups += [(None, [image_file(m, fid, "png")]) for fid in STUDY.files(m)]
+        else:
+            groups.append((None, [f"results/nmf/{m}_components.png"]))
     if config["evaluation"]["truth"]:
         groups.append((None, ["results/evaluation.tsv"]))
     return groups

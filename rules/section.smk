@@ -1,7 +1,7 @@
 rule crop:
     """One section of one modality: its ROI of the component maps and its tissue mask."""
     input:
-        nmf=lambda wc: components(wc.modality),
+        nmf=lambda wc: section_components(wc.section, wc.modality),
         code=code("crop"),
     output:
         "results/{section}/maps_{modality}.h5",
@@ -12,7 +12,7 @@ rule crop:
     params:
         **named(
             file_id=lambda wc: STUDY.acquisition(wc.section, wc.modality).file_id,
-            imzml=lambda wc: STUDY.acquisition(wc.section, wc.modality).imzml,
+            imzml=lambda wc: STUDY.acquisition(wc.section, wc.modality).path,
             roi=lambda wc: STUDY.acquisition(wc.section, wc.modality).roi_param,
             auto_index=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_index,
             auto_count=lambda wc: STUDY.acquisition(wc.section, wc.modality).auto_count,
@@ -20,6 +20,7 @@ rule crop:
             force_pixel_size=lambda wc: MODS[wc.modality]["force_pixel_size"],
             dilation_px=config["tissue"]["dilation_px"],
             min_size_px=config["tissue"]["min_size_px"],
+            all_tissue=lambda wc: MODS[wc.modality]["all_tissue"],
             seed=config["seed"],
         ),
     threads: 1
@@ -55,6 +56,10 @@ rule register:
             iterations=config["registration"]["iterations"],
             min_score=config["registration"]["min_score"],
             min_margin=config["registration"]["min_margin"],
+            min_boundary=config["registration"]["min_boundary"],
+            min_ncc=config["registration"]["min_ncc"],
+            min_image_similarity=config["registration"]["min_image_similarity"],
+            scale_range=config["registration"]["scale_range"],
             seed=config["seed"],
         ),
     # one thread: the images are small, and torch's OpenMP threads slow down 5x when the

@@ -80,7 +80,7 @@ def test_sheet_read_relative_paths_and_file_ids(tmp_path):
         ("s2", "fticr", "ft.imzML", "5:10,0:5"), ("s2", "maldi", "b/run.imzML", "*")])
     acq = read_sections(sheet, ["fticr", "maldi"])
     assert [a.section for a in acq] == ["s1", "s1", "s2", "s2"]
-    assert acq[0].imzml == str(tmp_path / "ft.imzML") and acq[0].roi == (0, 5, 0, 5)
+    assert acq[0].path == str(tmp_path / "ft.imzML") and acq[0].roi == (0, 5, 0, 5)
     assert acq[0].file_id == acq[2].file_id == "ft"
     ids = {a.file_id for a in acq if a.modality == "maldi"}
     assert ids == {"a_run", "b_run"}
@@ -393,3 +393,91 @@ def test_config_readme_explains_every_key():
     undocumented = [row.split("|")[1] for row in table.splitlines()[2:]
                     if row.rstrip().endswith("|  |")]
     assert not undocumented
+
+
+# ------------------------------------------------------------------ image levels (issue 15)
+def image_study(tmp_path: Path, *, ome_um=None, roi="*", he_cfg=None, header="imzml"):
+    """A MALDI imzML and an H&E-like RGB TIFF (600 x 400 px) of one section."""
+    import numpy as np
+    import tifffile
+
+    small_imzml(tmp_path / "m.imzML", 8, 8, 20.0)
+    rgb = np.full((400, 600, 3), 235, np.uint8)
+    rgb[100:300, 150:450] = (180, 90, 160)
+    kw = {"metadata": {"PhysicalSizeX": ome_um, "PhysicalSizeY": ome_um}} if ome_um else {}
+    tifffile.imwrite(tmp_path / "he.ome.tif" if ome_um else tmp_path / "he.tif", rgb,
+                     photometric="rgb", **kw)
+    name = "he.ome.tif" if ome_um else "he.tif"
+    sheet = tmp_path / "s.tsv"
+    sheet.write_text(f"section\tmodality\t{header}\troi\ns1\tmaldi\tm.imzML\t*\n"
+                     f"s1\the\t{name}\t{roi}\n")
+    return {"sections": str(sheet), "chain": ["maldi", "he"],
+            "modalities": {"maldi": {}, "he": he_cfg or {}}}
+
+
+def test_image_level_in_the_sheet_and_the_start_up_decisions(tmp_path):
+    """An image is a level of the chain: its kind from the file ending (column 'imzml' or
+    'file'), its pixel size from the OME metadata or the config or left to the registration,
+    its read factor decided once, all in the start-up summary."""
+    study = load_study(image_study(tmp_path, ome_um=2.5, header="file",
+                                   he_cfg={"image": {"max_pixels": 60000}}))
+    he = study.acquisition("s1", "he")
+    assert (he.kind, he.ibd, he.file_id, study.kind("maldi")) == ("image", "", "he", "imzml")
+    lines = "\n".join(study.summary())
+    assert "1 imzML file(s), 1 image(s)" in lines
+    assert "he he: pixel size 2.5 um (image); read block-averaged by 2 (5 um pixels)" in lines
+    (tmp_path / "b").mkdir()
+    study = load_study(image_study(tmp_path / "b", he_cfg={"pixel_size_um": 3}))
+    assert "he he: pixel size 3 um (config)" in "\n".join(study.summary())
+    (tmp_path / "c").mkdir()
+    study = load_study(image_study(tmp_path / "c"))
+    assert study.pixel_sizes[study.acquisition("s1", "he").path].source == "none"
+    assert "pixel size unknown: the registration finds the scale" in "\n".join(study.summary())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["modalities"]["he"].update(kind="imzml"),
+     r"row 3: 'he.tif' is an image but 'modalities.he.kind' is 'imzml'"),
+    (lambda c: c["modalities"]["maldi"].update(kind="image"),
+     r"row 2: 'm.imzML' is an imzML file but 'modalities.maldi.kind' is 'image'"),
+    (lambda c: c["modalities"]["he"].update(grid={"enabled": True}),
+     r"key 'modalities.he.grid.enabled': 'he' is an image level"),
+    (lambda c: c.update(chain=["he", "maldi"]),
+     r"key 'modalities.he.kind': the reference .* must be an imzML modality, not an image"),
+])
+def test_image_level_misconfigurations_named(tmp_path, change, message):
+    cfg = image_study(tmp_path)
+    change(cfg)
+    with pytest.raises(InputError, match=message):
+        load_study(cfg)
+
+
+def test_image_level_rows_checked_before_running(tmp_path):
+    cfg = image_study(tmp_path, roi="0:700,0:100")
+    with pytest.raises(InputError, match=r"roi 0:700,0:100 of section 's1' lies outside the "
+                                         r"image of .*he\.tif \(600 x 400 pixels"):
+        load_study(cfg)
+    sheet = Path(cfg["sections"])
+    sheet.write_text(sheet.read_text().replace("he.tif", "he.bmp"))
+    (tmp_path / "he.bmp").write_bytes(b"BM")
+    with pytest.raises(InputError, match=r"'he.bmp' is neither an .imzML file nor an image"):
+        load_study(cfg)
+    sheet.write_text(sheet.read_text().replace("he.bmp", "gone.tif"))
+    with pytest.raises(InputError, match=r"row 3: image not found: .*gone\.tif"):
+        load_study(cfg)
+    (tmp_path / "bad.tif").write_bytes(b"II*\0garbage")
+    sheet.write_text(sheet.read_text().replace("gone.tif", "bad.tif"))
+    with pytest.raises(InputError, match=r"row 3: .*bad\.tif"):
+        load_study(cfg)
+    sheet.write_text(sheet.read_text() + "s2\tmaldi\tm.imzML\t*\ns2\the\tm.imzML\t*\n")
+    with pytest.raises(InputError, match=r"modality 'he' mixes imzML files and images"):
+        read_sections(sheet, ["maldi", "he"])
+
+
+def test_working_roi_and_file_ids_of_images():
+    from msifusion.metadata import working_roi
+
+    assert working_roi((0, 600, 0, 400), 2) == (0, 300, 0, 200)
+    assert working_roi((3, 7, 5, 9), 4) == (0, 2, 1, 3)
+    assert [file_id(p) for p in ("a/he 1.ome.tif", "b.TIFF", "c.jpeg", "d.btf")] == \
+        ["he_1", "b", "c", "d"]

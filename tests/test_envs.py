@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONDA = {"numpy": "numpy", "scipy": "scipy", "h5py": "h5py", "yaml": "pyyaml",
          "jsonschema": "jsonschema", "sklearn": "scikit-learn", "skimage": "scikit-image",
          "torch": "pytorch", "matplotlib": "matplotlib-base", "mpl_toolkits": "matplotlib-base",
-         "tifffile": "tifffile", "tensorly": "tensorly", "sparse": "sparse",
+         "tifffile": "tifffile", "imagecodecs": "imagecodecs", "PIL": "pillow",
+         "tensorly": "tensorly", "sparse": "sparse",
          "threadpoolctl": "threadpoolctl", "pyimzml": "pyimzml"}
 #: import name -> PyPI distribution name
 PYPI = dict(CONDA, torch="torch", matplotlib="matplotlib", mpl_toolkits="matplotlib")

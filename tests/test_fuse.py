@@ -234,7 +234,9 @@ def test_insufficient_overlap_raises_naming_the_level():
         fuse_pair(coarse, None, fine, far, level="ToF-SIMS")
     small = np.zeros(coarse.shape[1:], bool)
     small[:3, :3] = True                                    # 9 pixels < 2 x (12 features + 1)
-    with pytest.raises(InputError, match="only 9 coarse pixels"):
+    with pytest.raises(InputError, match=r"only 9 coarse pixels are both tissue in the coarser "
+                                         r"level's tissue mask \(9 pixels\) and covered >= 90% "
+                                         r"by acquired fine pixels \(\d+ pixels\).*all_tissue"):
         fuse_pair(coarse, small, fine, scale_matrix(4), level="MALDI")
 
 
@@ -304,8 +306,9 @@ def test_failed_registration_is_never_fused(tmp_path):
     doc = reg.to_json() | {"section": "s1", "coarse": "fticr", "fine": "maldi"}
     (tmp_path / "transform_fticr_maldi.json").write_text(json.dumps(doc))
     out = tmp_path / "fused_maldi.h5"
-    with pytest.raises(QualityError, match=r"section 's1': registration maldi -> fticr .*FAILED; "
-                                           r"not fusing it\. Inspect .*qc_fticr_maldi\.png"):
+    with pytest.raises(QualityError, match=r"section 's1': registration maldi -> fticr .*FAILED: "
+                                           r"no confident placement; not fusing it\. Inspect "
+                                           r".*qc_fticr_maldi\.png"):
         fuse_step([str(tmp_path / "c.h5"), str(tmp_path / "f.h5")],
                   [str(tmp_path / "transform_fticr_maldi.json")], [str(out)],
                   str(tmp_path / "fusion.json"))

@@ -183,3 +183,29 @@ def test_real_tofsims_channels(tmp_path):
     assert axis.kind == "channels" and len(axis) == used.sum()
     X = assemble_matrix(r, axis)
     np.testing.assert_allclose(X.toarray(), cube.reshape(-1, len(mz))[:, used])
+
+
+def test_targets_checked_against_the_reference_axis(tmp_path):
+    """A target with no column within targets.ppm is named with the nearest m/z of the data and
+    its distance, every absent one in one message (issue 14); present ones are tabulated."""
+    import json
+
+    from msifusion.steps.axis import targets_step
+
+    centres = np.array([500.0, 600.0, 700.0])
+    MzAxis(centres, centres - 1e-3, centres + 1e-3, ppm=5.0).save(tmp_path / "axis.h5")
+    out = tmp_path / "targets.json"
+    targets_step(str(tmp_path / "axis.h5"), str(out), targets=[600.002, 700.0], ppm=5.0,
+                 modality="fticr")
+    rows = json.loads(out.read_text())["targets"]
+    assert [r["nearest_mz"] for r in rows] == [600.0, 700.0]
+    assert rows[0]["distance_ppm"] == pytest.approx(0.002 / 600.002 * 1e6)
+    assert [r["columns"] for r in rows] == [1, 1]
+    out.unlink()
+    with pytest.raises(InputError, match=r"2 of 3 target\(s\) have no m/z of the fticr data within "
+                                         r"5 ppm \(key 'targets.ppm'\): m/z 760\.5851: nearest m/z "
+                                         r"in the data 700\.0000 \(79656 ppm away\); m/z "
+                                         r"500\.0100: nearest m/z in the data 500\.0000 \(20 ppm"):
+        targets_step(str(tmp_path / "axis.h5"), str(out), targets=[760.5851, 600.0, 500.01],
+                     ppm=5.0, modality="fticr")
+    assert not out.exists()

@@ -462,3 +462,50 @@ def test_snakemake_lint_is_clean(tmp_path):
     setup_study(tmp_path)
     proc = snakemake(tmp_path, "--lint")
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ an image level (issue 15)
+def test_image_level_chain_runs_end_to_end(tmp_path):
+    """chain [maldi, he]: an MSI acquisition and an H&E-like RGB TIFF of the same section that
+    states no pixel size, from the sheet and a config naming only the chain, the image kind and
+    the tissue: the image rule reads it, the registration finds its scale and placement, the
+    fusion predicts the MSI components on its grid."""
+    import tifffile
+    from test_register_image import Tissue, case, pose_um, stained_image
+
+    from msifusion.imzml import ImzMLStreamWriter
+    from msifusion.products import read_fused
+
+    c = case(theta=-20.0, fine_px=4.0, fine_shape=(240, 300), origin=(160, 260))
+    maps, _, _, coarse_px = c["coarse"]
+    k, ny, nx = maps.shape
+    spectra = np.clip(maps, 0, None).reshape(k, -1).T.astype(np.float32) * 1000
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    with ImzMLStreamWriter(tmp_path / "maldi.imzML", mode="continuous",
+                           mz_axis=np.array([600.0, 700.0, 800.0, 900.0, 1000.0, 1100.0]),
+                           pixel_size_um=coarse_px, spectrum_type="centroid") as w:
+        w.add_block(np.arange(ny * nx + 1) * k, None, spectra.ravel(),
+                    np.c_[xx.ravel(), yy.ravel()])
+    rgb = stained_image(Tissue(0), pose_um(-20.0, 4.0, (160, 260)), (240, 300), seed=2)
+    tifffile.imwrite(tmp_path / "he.tif", rgb.astype(np.uint8), photometric="rgb")
+    (tmp_path / "sections.tsv").write_text("section\tmodality\tfile\troi\n"
+                                           "s1\tmaldi\tmaldi.imzML\t*\ns1\the\the.tif\t*\n")
+    cfg = {"sections": "sections.tsv", "chain": ["maldi", "he"],
+           "modalities": {"maldi": {"binning": {"ppm": 50}, "nmf": {"rank": 6}},
+                          "he": {"kind": "image"}},
+           "targets": {"mz": [700.0, 900.0], "ppm": 50}}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path)
+    assert "he he: pixel size unknown: the registration finds the scale" in proc.stderr
+    doc = json.loads((tmp_path / "results" / "s1" / "transform_maldi_he.json").read_text())
+    assert doc["passed"] and doc["details"]["similarity"] == "regression", doc
+    assert abs(doc["details"]["fine_pixel_size_found_um"] / 4.0 - 1) < 0.02
+    pts = np.stack([np.r_[0, 299, 0, 299, 150], np.r_[0, 0, 239, 239, 120], np.ones(5)])
+    err = np.hypot(*(np.array(doc["matrix_px"]) @ pts - c["truth"] @ pts))
+    assert err.max() < 0.5, err
+    fused = read_fused(tmp_path / "results" / "s1" / "fused_he.h5")
+    assert fused["maps"].shape[1:] == (240, 300) and fused["spectra"].shape[1] == 6
+    assert (tmp_path / "results" / "images" / "he" / "he.png").stat().st_size > 0
+    for mz in ("700.0000", "900.0000"):
+        assert (tmp_path / "results" / "s1" / f"ion_he_mz{mz}.tif").exists()

@@ -51,7 +51,6 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
         flagged as not predictable at that level (and every finer one) in the products, the
         report and the log.
     """
-    levels = [read_section_maps(p) for p in maps]
     regs = []
     for path in transforms:
         doc = json.loads(Path(path).read_text())
@@ -59,9 +58,11 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
             qc = Path(path).with_name(Path(path).stem.replace("transform", "qc") + ".png")
             raise QualityError(
                 f"section {doc.get('section')!r}: registration {doc.get('fine')} -> "
-                f"{doc.get('coarse')} {registration_summary(doc)}; not fusing it. Inspect {qc}, "
-                "fix the ROI, or change registration.min_score / min_margin")
+                f"{doc.get('coarse')} {registration_summary(doc)}; not fusing it. Inspect {qc}: "
+                "when the placement shown is right, relax the config key(s) named; else fix the "
+                "ROI, the pixel sizes or the tissue masks (modalities.<name>.all_tissue)")
         regs.append(Registration.from_json(doc))
+    levels = [read_section_maps(p) for p in maps]
     ref = levels[0]
     target = np.where(ref["acquired"][None], ref["maps"], np.nan)
     results = fuse_chain(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..register import plot_overlay, register_pair
+from ..register_image import register_image
 from ..schema import default
 from ..store import atomic_output
 from .section import read_section_maps, tissue_image, total_image
@@ -22,9 +23,29 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *,
                   iterations: int = default("registration.iterations"),
                   min_score: float = default("registration.min_score"),
                   min_margin: float = default("registration.min_margin"),
+                  min_boundary: float = default("registration.min_boundary"),
+                  min_ncc: float = default("registration.min_ncc"),
+                  min_image_similarity: float = default("registration.min_image_similarity"),
+                  scale_range: float = default("registration.scale_range"),
                   seed: int = default("seed")) -> None:
-    """Register a fine modality's section to the coarse one; write the transform JSON and QC PNG."""
+    """Register a fine modality's section to the coarse one; write the transform JSON and QC PNG.
+
+    An MSI pair is registered on its total images and component maps
+    (:func:`msifusion.register.register_pair`); an image level (microscopy) by how much of the
+    coarse component maps its features explain, its scale searched
+    (:func:`msifusion.register_image.register_image`). A registration that does not pass is
+    written too (``passed: false``, with every failing criterion, :func:`failed_criteria`); the
+    fusion refuses it."""
     c, f = read_section_maps(coarse), read_section_maps(fine)
+    if f.get("kind") == "image":
+        reg = register_image(c["maps"], c["acquired"], c["mask"], c["pixel_size_um"], f["maps"],
+                             f["acquired"], f["mask"], float(f["pixel_size_um"]),
+                             fine_px_source=str(f.get("pixel_size_source", "none")), model=model,
+                             n_starts=n_starts, mirror=mirror, min_score=min_score,
+                             min_margin=min_margin, min_boundary=min_boundary,
+                             min_similarity=min_image_similarity, scale_range=scale_range)
+        _write(reg, c, f, out_json, out_png)
+        return
     # The component maps of both sections score every placement beyond the total images
     # (register_pair's multichannel similarity).
     # Two views of each section: the tissue alone (background 0), then, when that gives no
@@ -35,12 +56,19 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *,
         trial = register_pair(view(c), c["mask"], c["pixel_size_um"], view(f), f["mask"],
                               f["pixel_size_um"], model=model, n_starts=n_starts, mirror=mirror,
                               iterations=iterations, min_score=min_score, min_margin=min_margin,
-                              seed=seed, coarse_channels=c["maps"], fine_channels=f["maps"])
+                              min_boundary=min_boundary, min_ncc=min_ncc, seed=seed,
+                              coarse_channels=c["maps"], fine_channels=f["maps"])
         trial.details["view"] = view.__name__
         if reg is None or trial.passed or (not reg.passed and trial.margin > reg.margin):
             reg = trial
         if reg.passed:
             break
+    _write(reg, c, f, out_json, out_png)
+
+
+def _write(reg, c: dict, f: dict, out_json: str, out_png: str) -> None:
+    """The registration of section maps ``f`` onto ``c`` as JSON and QC overlay, and its line in
+    the log."""
     doc = reg.to_json() | {"section": c["section"], "coarse": c["modality"], "fine": f["modality"]}
     plot_overlay(total_image(c), total_image(f), reg, out_png)
     with atomic_output(out_json) as tmp:
@@ -96,6 +124,42 @@ def _cell(value) -> str:
     return str(value)
 
 
+#: Acceptance criteria of a registration: (name, JSON field of the value, details field of the
+#: threshold, config key). A registration passes when it meets the first two and one of the
+#: last two (evidence that the placement is right: outlines or image similarity).
+CRITERIA = (("mask Dice", "score", "min_score", "registration.min_score"),
+            ("margin over the best other placement", "margin", "min_margin",
+             "registration.min_margin"),
+            ("outline agreement", "boundary", "min_boundary", "registration.min_boundary"),
+            ("image similarity", "ncc", "min_ncc", "registration.min_ncc"))
+
+
+def failed_criteria(doc: dict) -> list[str]:
+    """The criteria a registration JSON fails, each as 'name value < threshold (key)'; the two
+    evidence criteria (outline or similarity) are one entry, failing when both do. Empty when it
+    passed or when the JSON has no criteria (a registration that could not be attempted: see its
+    ``details.reason``)."""
+    d = doc.get("details", {})
+
+    def value(field):
+        v = doc.get(field)
+        return float("nan") if v is None else float(v)
+
+    def item(name, field, tkey, key):
+        return f"{name} {value(field):.3f} < {float(d[tkey]):g} ({key})"
+
+    out = []
+    criteria = CRITERIA if d.get("similarity") != "regression" else CRITERIA[:3] + (
+        ("image similarity", "ncc", "min_ncc", "registration.min_image_similarity"),)
+    for name, field, tkey, key in criteria[:2]:
+        if tkey in d and not value(field) >= float(d[tkey]):
+            out.append(item(name, field, tkey, key))
+    evidence = [c for c in criteria[2:] if c[2] in d]
+    if evidence and not any(value(c[1]) >= float(d[c[2]]) for c in evidence):
+        out.append(" and ".join(item(*c) for c in evidence))
+    return out
+
+
 def registration_summary(doc: dict) -> str:
     """One line on a registration JSON: pose, quality figures and the verdict."""
     def num(source, key):  # JSON stores NaN as null
@@ -103,8 +167,13 @@ def registration_summary(doc: dict) -> str:
         return float("nan") if value is None else float(value)
 
     d = doc.get("details", {})
-    return (f"rotation {num(doc, 'rotation_deg'):.2f} deg, mask Dice {num(doc, 'score'):.3f} "
-            f"(min {num(d, 'min_score'):g}), margin {num(doc, 'margin'):.3f} "
-            f"(min {num(d, 'min_margin'):g}), outline agreement {num(doc, 'boundary'):.3f} "
-            f"(min {num(d, 'min_boundary'):g}) or NCC {num(doc, 'ncc'):.3f} "
-            f"(min {num(d, 'min_ncc'):g}): " + ("passed" if doc.get("passed") else "FAILED"))
+    line = (f"rotation {num(doc, 'rotation_deg'):.2f} deg, scale {num(doc, 'scale'):.4f}, "
+            f"mask Dice {num(doc, 'score'):.3f} (min {num(d, 'min_score'):g}), margin "
+            f"{num(doc, 'margin'):.3f} (min {num(d, 'min_margin'):g}), outline agreement "
+            f"{num(doc, 'boundary'):.3f} (min {num(d, 'min_boundary'):g}) or image similarity "
+            f"{num(doc, 'ncc'):.3f} (min {num(d, 'min_ncc'):g}): ")
+    if doc.get("passed"):
+        return line + "passed"
+    failed = failed_criteria(doc)
+    why = "; ".join(failed) if failed else d.get("reason", "no confident placement")
+    return line + f"FAILED: {why}"
