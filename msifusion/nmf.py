@@ -493,6 +493,22 @@ def _check_rank(rank, n: int, m: int) -> int:
     return rank
 
 
+def _usable_rank(rank, n: int, m: int, what: str) -> int:
+    """The rank a modality's NMF can use: ``rank`` capped at ``min(n, m)`` with a warning.
+
+    More components than m/z bins (or pixels) cannot be told apart, and a factorisation of rank
+    ``min(n, m)`` is already exact: a study of few channels (e.g. 20 unit masses of a ToF-SIMS)
+    runs with the default rank instead of stopping. A rank below 1 is an error.
+    """
+    rank = int(rank)
+    if rank > min(n, m) >= 1:
+        log.warning("%s: NMF rank %d exceeds min(n_pixels, n_mz) = %d (%d pixels x %d m/z bins): "
+                    "using rank %d (modalities.<name>.nmf.rank sets it)", what, rank, min(n, m), n, m,
+                    min(n, m))
+        return min(n, m)
+    return _check_rank(rank, n, m)
+
+
 def resolve_device(device: str = "auto") -> str:
     """``"auto"`` -> ``"cuda"`` when a CUDA GPU is available, else ``"cpu"``."""
     if device not in ("auto", "cpu", "cuda"):
@@ -650,7 +666,7 @@ def run_nmf(converted: dict[str, str | os.PathLike], axis: MzAxis, out_path, *, 
     readers = {fid: ConvertedReader(p) for fid, p in converted.items()}
     n = sum(r.n_pixels for r in readers.values())
     m = len(axis)
-    rank = _check_rank(rank, n, m)
+    rank = _usable_rank(rank, n, m, f"{out_path} ({modality or 'NMF'})")
     nnz = sum(r.nnz for r in readers.values())          # converted values: an upper bound
     need = in_memory_bytes(n, m, nnz, rank)
     budget = float(memory_gb) * 2 ** 30

@@ -9,6 +9,10 @@ a soft tissue map and edge maps (gradient magnitudes of the log and of the linea
 The similarity is the weighted normalised cross-correlation (NCC) of these features, computed only
 where the fine image was acquired (the fine modality often sees only part of the section); outside its
 ROI the coarse modality counts as background (unknown beyond ROI borders that tissue touches).
+Every similarity is weighted by ``sqrt`` of the share of the fine field of view the coarse modality
+knows there (:func:`_overlap_weight`): a correlation over a few points fits chance better, and a
+placement pushing most of the fine view where the coarse one is unknown (a view inside the tissue,
+whose tissue touches every ROI border) would otherwise beat the right one on a small overlap.
 
 Search (the scale is fixed by the pixel sizes):
 
@@ -140,7 +144,7 @@ class Registration:
     score : float
         Dice coefficient of the tissue masks after registration, over the fine field of view, [0, 1].
     ncc : float
-        Final similarity (weighted NCC of the features), [-1, 1].
+        Final similarity (weighted NCC of the features times :func:`_overlap_weight`), [-1, 1].
     margin : float
         Similarity of the winner minus that of the best candidate placing the fine tissue elsewhere.
     passed : bool
@@ -157,7 +161,8 @@ class Registration:
         ``(ny, nx)`` of the two ROI images.
     details : dict
         Diagnostics: per-feature NCCs, similarity at each level (``ncc_levels``), level-0 margin,
-        the thresholds used, block factors; ``reason`` when the pair could not be registered.
+        the thresholds used, block factors, ``coverage`` (share of the fine sample points where
+        the coarse modality is known); ``reason`` when the pair could not be registered.
     """
 
     matrix: np.ndarray
@@ -542,33 +547,55 @@ class _Level:
         w = (smp[:, -1] > 0.99).float() * self.fine_ch_ok[None]
         return _pillai(smp[:, :-1].transpose(1, 2), self.fine_ch, w)
 
-    def _nccs(self, q: torch.Tensor) -> torch.Tensor:
-        """NCC (B, n_used) of each feature in use, fine points mapped to ``q`` (B, N, 2)."""
+    def _nccs(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NCC (B, n_used) of each feature in use, fine points mapped to ``q`` (B, N, 2), and the
+        coverage (B,): the share of the points that land where the coarse modality is known."""
         smp = self.sample(q)
         w = (1.0 - smp[:, -1]).clamp(0.0, 1.0)
-        return torch.stack([_weighted_ncc(smp[:, i], self.fine_vals[i][None], w, self.eps[i], self.eps[i])
+        nccs = torch.stack([_weighted_ncc(smp[:, i], self.fine_vals[i][None], w, self.eps[i], self.eps[i])
                             for i in range(len(self.used))], dim=-1)
+        return nccs, w.mean(-1)
 
     def feature_similarity(self, q: torch.Tensor) -> torch.Tensor:
-        """The weighted NCC of the features alone (B,)."""
-        return (self._nccs(q) * self.w_used).sum(-1)
+        """The weighted NCC of the features alone (B,), weighted by the overlap
+        (:func:`_overlap_weight`)."""
+        nccs, coverage = self._nccs(q)
+        return (nccs * self.w_used).sum(-1) * _overlap_weight(coverage)
+
+    def coverage(self, q: torch.Tensor) -> torch.Tensor:
+        """Share (B,) of the fine points mapped to ``q`` (B, N, 2) where the coarse modality is known."""
+        return self._nccs(q)[1]
 
     def similarity(self, q: torch.Tensor, components: bool = False) -> torch.Tensor:
         """Similarity (B,) of the fine points mapped to ``q`` (B, N, 2): the weighted NCC of the
-        features, mixed with the multichannel similarity when component maps were given.
+        features, mixed with the multichannel similarity when component maps were given, weighted
+        by the overlap (:func:`_overlap_weight`).
 
         With ``components=True``: a dict feature name -> NCC (B,) of the features in use (and
         ``channels`` -> multichannel similarity)."""
+        nccs, coverage = self._nccs(q)
         if components:
-            nccs = self._nccs(q)
             out = {FEATURES[k]: nccs[:, i] for i, k in enumerate(self.used)}
             if self.w_channels > 0:
                 out["channels"] = self.channel_similarity(q)
             return out
-        sim = self.feature_similarity(q)
+        sim = (nccs * self.w_used).sum(-1)
         if self.w_channels > 0:
             sim = (1.0 - self.w_channels) * sim + self.w_channels * self.channel_similarity(q)
-        return sim
+        return sim * _overlap_weight(coverage)
+
+
+def _overlap_weight(coverage):
+    """Weight ``sqrt(coverage)`` of a similarity measured on a share ``coverage`` of the fine points.
+
+    A correlation over fewer points fits chance better (its spread under chance grows as
+    ``1 / sqrt(n)``): without the weight, a placement that leaves most of the fine field of view
+    where the coarse modality is unknown (beyond an ROI border that tissue touches) can beat the
+    right one on a few points, above all when both images show the inside of a tissue. Scaled by
+    ``sqrt(coverage)``, the similarity is a z-score of the overlap over the whole field: the same
+    chance level whatever the overlap, unchanged for a fine view the coarse modality sees all of.
+    """
+    return coverage.clamp_min(0.0).sqrt()
 
 
 def _feature_floors(sigma_c: float) -> np.ndarray:
@@ -666,7 +693,8 @@ def _masked_ncc_maps(fixed: np.ndarray, moving: torch.Tensor, weights, floors) -
     Returns
     -------
     Tensor, shape (R, H - h + 1, W - w + 1)
-        Similarity when the canvas' top-left corner sits at (sy, sx) of ``fixed``.
+        Similarity when the canvas' top-left corner sits at (sy, sx) of ``fixed``, weighted by
+        :func:`_overlap_weight` of the share of the canvas that overlaps counted coarse pixels.
     """
     H, W = fixed.shape[1:]
     R, c, h, w = moving.shape
@@ -696,7 +724,8 @@ def _masked_ncc_maps(fixed: np.ndarray, moving: torch.Tensor, weights, floors) -
         var_g = (s_gg - s_g ** 2 / n).clamp_min(0.0)
         eps = floors[k] * n
         total += weights[k] * num / torch.sqrt((var_f + eps) * (var_g + eps))
-    return total.float()
+    coverage = n / mg.sum(dim=(-2, -1)).clamp_min(1.0)[:, None, None]
+    return (total * _overlap_weight(coverage.clamp(0.0, 1.0))).float()
 
 
 def _render_canvases(fine_feats: np.ndarray, fine: _Grid, centre: np.ndarray, angles: np.ndarray,
@@ -834,8 +863,8 @@ def register_pair(
     iterations: int = default("registration.iterations"),
     min_score: float = default("registration.min_score"),
     min_margin: float = default("registration.min_margin"),
-    min_ncc: float = 0.55,
-    min_boundary: float = 0.75,
+    min_ncc: float = default("registration.min_ncc"),
+    min_boundary: float = default("registration.min_boundary"),
     n_refine: int = 4,
     check_mirror: bool = True,
     seed: int = default("seed"),
@@ -1032,6 +1061,7 @@ def register_pair(
     with torch.no_grad():
         comps = {k: float(v[0]) for k, v in lv.similarity(q_pts, components=True).items()}
         ncc = float(lv.feature_similarity(q_pts)[0])
+        coverage = float(lv.coverage(q_pts)[0])
         ncc_levels = [float(lvx.feature_similarity(p2.map(lvx.points, phi_f, delta_f, e_use))[0])
                       for lvx in levels]
     a_fin, q_fin = pose_arrays(p2, phi_f, delta_f, e_use)
@@ -1057,7 +1087,7 @@ def register_pair(
                  **{f"ncc_{k}": v for k, v in comps.items()}, "ncc_levels": ncc_levels,
                  "min_score": float(min_score), "min_margin": float(min_margin), "min_ncc": float(min_ncc),
                  "min_boundary": float(min_boundary),
-                 "fine_block": int(b), "search_block": int(d)},
+                 "fine_block": int(b), "search_block": int(d), "coverage": coverage},
     )
     log.info("register_pair: rotation %.2f deg, mirror %s, dice %.3f, boundary %.3f, ncc %.3f, margin %.3f"
              " -> %s", reg.rotation_deg, reg.mirror, dice, boundary, ncc, margin, "passed" if passed else "FAILED")
@@ -1202,7 +1232,7 @@ def plot_overlay(coarse_img: np.ndarray, fine_img: np.ndarray, reg: Registration
     edges = canny(np.nan_to_num(ws), sigma=max(1.0, u / 2.0)) & inside
     rgb = np.dstack([np.nan_to_num(cs)] * 3)
     rgb[edges] = (1.0, 0.1, 0.8)
-    tile = max(4, u * 4)
+    tile = max(4, u * 4, max(cs.shape) // 12)  # about 12 squares per side, whatever the image size
     yy, xx = np.mgrid[0:cs.shape[0], 0:cs.shape[1]]
     check = ((yy // tile + xx // tile) % 2 == 0) & np.isfinite(ws)
     chk = np.where(check, ws, cs)
@@ -1213,7 +1243,7 @@ def plot_overlay(coarse_img: np.ndarray, fine_img: np.ndarray, reg: Registration
     ax[1].set_title("checkerboard coarse / fine")
     for a in ax:
         a.set_axis_off()
-    fig.suptitle(f"{'PASSED' if reg.passed else 'FAILED'}  Dice {reg.score:.3f}  NCC {reg.ncc:.3f}  "
+    fig.suptitle(f"{'PASSED' if reg.passed else 'FAILED'}  Dice {reg.score:.3f}  similarity {reg.ncc:.3f}  "
                  f"margin {reg.margin:.3f}  rot {reg.rotation_deg:.1f} deg  mirror {reg.mirror}")
     fig.tight_layout()
     with atomic_output(path) as tmp:

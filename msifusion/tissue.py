@@ -22,7 +22,8 @@ from .schema import default
 
 log = logging.getLogger("msifusion.tissue")
 
-__all__ = ["tissue_mask", "tissue_mask_from_maps", "label_sections", "propose_rois", "soft_mask"]
+__all__ = ["tissue_mask", "tissue_mask_from_maps", "field_inside_tissue", "interleaving", "label_sections",
+           "propose_rois", "soft_mask"]
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -255,6 +256,99 @@ def soft_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     return np.clip(m, 0.0, 1.0).astype(np.float32, copy=False)
 
 
+#: Smallest share of its fair part of the image border the tissue class must touch for the field
+#: to possibly lie inside the tissue: a section inside the field touches it hardly at all (phantoms:
+#: below 0.05), while the classes of a texture touch it about as often as their shares predict (1,
+#: give or take a lot on a field of a few hundred pixels).
+INSIDE_BORDER_RATIO = 0.25
+#: Normalised boundary density (:func:`interleaving`) above which the two classes are a texture of
+#: one tissue rather than tissue and background (regions: below 0.11 on phantoms; wood: 0.14-0.5).
+INSIDE_INTERLEAVING = 0.1
+#: Share of the acquired pixels below which what is left of the background class after the
+#: majority smoothing of :func:`interleaving` is no background (isolated dark pixels or vessels).
+INSIDE_MAX_BACKGROUND = 0.05
+
+
+def _border(img: np.ndarray) -> np.ndarray:
+    """The image border as one loop of pixels (each once), shape (2 (ny + nx) - 4,)."""
+    if min(img.shape) < 2:
+        return img.ravel()
+    return np.concatenate([img[0, :], img[1:, -1], img[-1, -2::-1], img[-2:0:-1, 0]])
+
+
+def interleaving(cls: np.ndarray, acquired: np.ndarray, sigma_px: float = 1.0) -> tuple[float, float]:
+    """How finely one class of a two-class labelling is interleaved with the other.
+
+    The class indicator is smoothed (Gaussian ``sigma_px``, NaN-aware) and thresholded at 1/2 (a
+    local majority vote: isolated pixels, e.g. counting noise, go to the surrounding class); the
+    number of 4-neighbour pairs of acquired pixels with different labels is then divided by its
+    expectation ``2 p (1 - p)`` per pair for a spatially random labelling with the same share ``p``.
+
+    Parameters
+    ----------
+    cls : ndarray of bool, shape (ny, nx)
+        The class (False where not acquired).
+    acquired : ndarray of bool, shape (ny, nx)
+    sigma_px : float
+        Scale of the majority vote, pixels.
+
+    Returns
+    -------
+    density : float
+        About 0 for large regions (a section and its background: the pairs across one outline),
+        towards 1 for a salt-and-pepper pattern; 0 when the smoothed class is empty or full.
+    share : float
+        Share ``p`` of the acquired pixels in the smoothed class.
+    """
+    w = acquired.astype(np.float64)
+    num = ndi.gaussian_filter(np.where(acquired, cls, 0.0).astype(np.float64), sigma_px, mode="nearest")
+    den = ndi.gaussian_filter(w, sigma_px, mode="nearest")
+    major = acquired & (num > 0.5 * np.maximum(den, 1e-12))
+    p = float(major.sum() / max(1, acquired.sum()))
+    both = (acquired[1:] & acquired[:-1], acquired[:, 1:] & acquired[:, :-1])
+    pairs = int(both[0].sum() + both[1].sum())
+    differ = int(((major[1:] != major[:-1]) & both[0]).sum() + ((major[:, 1:] != major[:, :-1]) & both[1]).sum())
+    if pairs == 0 or p * (1.0 - p) == 0:
+        return 0.0, p
+    return float(differ / (pairs * 2.0 * p * (1.0 - p))), p
+
+
+def field_inside_tissue(labels_img: np.ndarray, tissue: int, acquired: np.ndarray) -> bool:
+    """Whether a two-class labelling shows a field of view lying inside the tissue (no background).
+
+    A section with background around it, or beside it (a field of view that crosses the section's
+    edge), makes a background *region*: the tissue class touches the border less than its share
+    would predict, or the classes meet along outlines only. Inside the tissue (e.g. a wood section
+    filling the field), both classes are parts of the tissue's texture (cell walls, empty vessel
+    lumens, counting noise): the tissue class reaches the border (:data:`INSIDE_BORDER_RATIO`) and
+    the classes interleave finely (:func:`interleaving` above :data:`INSIDE_INTERLEAVING`), or
+    hardly any background is left after a majority vote (:data:`INSIDE_MAX_BACKGROUND`).
+
+    Parameters
+    ----------
+    labels_img : ndarray of int, shape (ny, nx)
+        Class 0 or 1 per acquired pixel, -1 elsewhere.
+    tissue : int
+        The class taken for tissue.
+    acquired : ndarray of bool, shape (ny, nx)
+
+    Returns
+    -------
+    bool
+    """
+    border = _border(labels_img)
+    border = border[border >= 0]
+    share = float(np.mean(labels_img[acquired] == tissue))
+    if not len(border) or share <= 0:
+        return False
+    ratio = float(np.mean(border == tissue)) / share
+    density, bg_share = interleaving((labels_img != tissue) & acquired, acquired)
+    log.debug("tissue classes: tissue border ratio %.2f, interleaving %.3f, smoothed background %.3f",
+              ratio, density, bg_share)
+    return ratio >= INSIDE_BORDER_RATIO and (density >= INSIDE_INTERLEAVING
+                                             or bg_share < INSIDE_MAX_BACKGROUND)
+
+
 def tissue_mask_from_maps(
     maps: np.ndarray,
     *,
@@ -269,6 +363,8 @@ def tissue_mask_from_maps(
     are made of other components than tissue pixels. Each acquired pixel is described by its
     standardised log total signal and its component fractions; k-means splits them in two and the
     cluster that covers less of the image border is tissue. Holes are filled, small objects removed.
+    When the two clusters are parts of one tissue's texture instead (a field of view inside the
+    tissue, :func:`field_inside_tissue`), every acquired pixel is tissue.
 
     Parameters
     ----------
@@ -305,7 +401,7 @@ def tissue_mask_from_maps(
     labels = KMeans(2, n_init=4, random_state=seed).fit_predict(feats)
     img = np.full(acquired.shape, -1)
     img[acquired] = labels
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    border = _border(img)
     border = border[border >= 0]
     frac = [np.mean(border == c) if len(border) else 0.5 for c in (0, 1)]
     share = [np.mean(labels == c) for c in (0, 1)]
@@ -314,6 +410,10 @@ def tissue_mask_from_maps(
     else:
         # less border per pixel of the cluster = tissue
         tissue = int(np.argmin([frac[c] / max(share[c], 1e-12) for c in (0, 1)]))
+    if field_inside_tissue(img, tissue, acquired):
+        log.info("tissue_mask_from_maps: the two classes are a texture of the tissue (the field of "
+                 "view lies inside it): all %d acquired pixels are tissue", int(acquired.sum()))
+        return acquired
     mask = img == tissue
     if dilation_px and dilation_px > 0:
         mask = ndi.binary_dilation(mask, structure=_disk(dilation_px))

@@ -1,6 +1,7 @@
 """Tests of msifusion.nmf: factorisation backends and the NMF file."""
 
 import importlib.util
+import logging
 
 import h5py
 import numpy as np
@@ -128,7 +129,7 @@ def test_bad_input():
         factorize(X, 2, backend="als")
 
 
-def test_run_nmf_file_layout_with_missing_pixels(tmp_path, monkeypatch):
+def test_run_nmf_file_layout_with_missing_pixels(tmp_path, monkeypatch, caplog):
     rng = np.random.default_rng(7)
     centres = np.array([100.0, 200.0, 300.0, 400.0, 500.0])
     axis = reference_axis(centres, ppm=5)
@@ -183,6 +184,16 @@ def test_run_nmf_file_layout_with_missing_pixels(tmp_path, monkeypatch):
     for fid in ("a", "b"):
         np.testing.assert_allclose(e["maps"][fid], d["maps"][fid], rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in ooc.parent.iterdir()) == ["maldi.h5", "maldi_ooc.h5"]
+    # more components than m/z bins: the rank is capped (a warning names the key), < 1 stops
+    capped = tmp_path / "nmf" / "capped.h5"
+    with caplog.at_level(logging.WARNING, logger="msifusion.nmf"):
+        res = run_nmf(paths, axis, capped, **(kw | {"rank": 40}))
+    records = caplog.records
+    assert res.W.shape[1] == 5 and read_nmf(capped)["attrs"]["rank"] == 5
+    assert any("rank 40 exceeds min(n_pixels, n_mz) = 5" in r.getMessage()
+               and "nmf.rank" in r.getMessage() for r in records)
+    with pytest.raises(InputError, match="rank 0"):
+        run_nmf(paths, axis, capped, **(kw | {"rank": 0}))
     with pytest.raises(InputError, match="not found"):
         read_nmf(tmp_path / "none.h5")
 

@@ -6,7 +6,9 @@ levels per region (one region inverts its contrast), different backgrounds and n
 image is rendered through a known fine -> coarse pixel map, optionally seeing only part of the
 section (partial field of view, NaN elsewhere).
 
-``make_pair`` is also used by ``benchmarks/bench_register.py``.
+``make_pair`` is also used by ``benchmarks/bench_register.py``. ``textured_field`` (a field of view
+inside a textured tissue, e.g. wood, seen by a block-averaged coarse modality) and ``real_split``
+(the real ToF-SIMS cube split into two such modalities) are also used by ``tests/test_tissue.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from scipy import ndimage as ndi
 
 from msifusion import register as reg_mod
 from msifusion.register import Registration, compose, invert, register_pair, transform_points
-from msifusion.tissue import tissue_mask
+from msifusion.tissue import tissue_mask, tissue_mask_from_maps
+
+
+REAL_TOFSIMS = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real" / "tofsims_poplar"
+                / "tofsims_trift_poplar_256x256.h5")
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,6 +170,70 @@ def make_pair(ratio, rotation_deg, shift_um=(0.0, 0.0), *, coarse_px=80.0, coars
 
 def _rot2(th):
     return np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+
+
+def block_matrix(f: int) -> np.ndarray:
+    """Fine px -> coarse px (2, 3) of a block mean by ``f`` (pixel centres at integers)."""
+    o = (1.0 / f - 1.0) / 2.0
+    return np.array([[1.0 / f, 0.0, o], [0.0, 1.0 / f, o]])
+
+
+def textured_field(ratio: int, n_coarse: int, seed: int = 0, *, k: int = 4, counts: float = 30.0):
+    """A field of view inside a textured tissue (no background), seen by two modalities.
+
+    Three log-normal patterns (Gaussian scales 2, 4 and 8 fine px: cell walls to vessels) are
+    mixed into ``k`` channels per modality, each with its own positive weights, and drawn as
+    Poisson counts (``counts`` per fine pixel and modality); the coarse modality is the block mean
+    by ``ratio`` of its channels.
+
+    Returns
+    -------
+    coarse : ndarray, shape (k, n_coarse, n_coarse)
+    fine : ndarray, shape (k, n_coarse * ratio, n_coarse * ratio)
+    """
+    rng = np.random.default_rng(seed)
+    n = n_coarse * ratio
+    patterns = []
+    for scale in (2.0, 4.0, 8.0):
+        g = ndi.gaussian_filter(rng.standard_normal((n, n)), scale, mode="wrap")
+        patterns.append(np.exp(g / g.std()))
+    patterns = np.array(patterns)
+
+    def channels():
+        lam = np.einsum("cp,pyx->cyx", 0.5 + 0.5 * rng.random((k, len(patterns))), patterns)
+        return rng.poisson(lam * counts / lam.sum(0).mean()).astype(np.float64)
+
+    coarse = channels().reshape(k, n_coarse, ratio, n_coarse, ratio).mean(axis=(2, 4))
+    return coarse, channels()
+
+
+def real_split(factor: int, crop: int, n_channels: int = 40):
+    """The real ToF-SIMS cube's top-left ``crop`` x ``crop`` pixels as two modalities: its
+    ``n_channels`` strongest channels alternately (by total count) in group A, block-averaged by
+    ``factor`` (coarse), and group B at full resolution (fine); each (k, ny, nx)."""
+    import h5py
+
+    with h5py.File(REAL_TOFSIMS, "r") as f:
+        cube = f["intensities"][:crop, :crop].astype(np.float64).transpose(2, 0, 1)
+    order = np.argsort(cube.sum(axis=(1, 2)))[::-1][:n_channels]
+    a, b = cube[np.sort(order[0::2])], cube[np.sort(order[1::2])]
+    n = crop // factor
+    return a.reshape(len(a), n, factor, n, factor).mean(axis=(2, 4)), b
+
+
+def fine_pixel_errors(reg, truth: np.ndarray, fine_shape) -> np.ndarray:
+    """Distance (coarse px) between every fine pixel mapped by ``reg`` and by ``truth``."""
+    yy, xx = np.mgrid[0:fine_shape[0], 0:fine_shape[1]]
+    p = np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float64)
+    return np.linalg.norm(transform_points(reg.matrix, p) - transform_points(truth, p), axis=1)
+
+
+def register_maps(coarse: np.ndarray, coarse_px: float, fine: np.ndarray, fine_px: float, **kw):
+    """register_pair as the workflow calls it on two sections' component maps (k, ny, nx): the
+    summed maps, the automatic tissue masks, the maps as channels."""
+    return register_pair(coarse.sum(0), tissue_mask_from_maps(coarse), coarse_px, fine.sum(0),
+                         tissue_mask_from_maps(fine), fine_px, coarse_channels=coarse, fine_channels=fine,
+                         **kw)
 
 
 def errors(pair, reg):
@@ -434,10 +504,6 @@ def test_bad_input():
         register_pair(np.ones((5, 5)), np.ones((5, 5), bool), 0, np.ones((5, 5)), np.ones((5, 5), bool), 20)
 
 
-REAL_TOFSIMS = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real" / "tofsims_poplar"
-                / "tofsims_trift_poplar_256x256.h5")
-
-
 @pytest.mark.real
 @pytest.mark.skipif(not REAL_TOFSIMS.exists(), reason="real data ../shared/data/real absent")
 def test_real_tofsims_split_mass_ranges():
@@ -465,6 +531,40 @@ def test_real_tofsims_split_mass_ranges():
     reg = register_pair(coarse, tissue_mask(coarse), 4.0, fine, tissue_mask(fine), 1.0)
     rot_err, rms, _ = errors(dict(matrix=truth, fine_mask=np.ones_like(fine, dtype=bool)), reg)
     assert reg.passed and rot_err <= 0.5 and rms <= 0.25, (rot_err, rms, reg.score, reg.boundary, reg.ncc, reg.margin)
+
+
+@pytest.mark.parametrize("ratio, n_coarse, seed", [(4, 32, 0), (8, 16, 1), (12, 12, 2)])
+def test_textured_field_inside_tissue(ratio, n_coarse, seed):
+    """A field of view inside a textured tissue, no outline anywhere: the coarse image (12-32 px
+    per side) is too small for its own structure to place the fine one, the fine structure it
+    averages does. Every fine pixel lands within 0.25 coarse px of its true place."""
+    coarse, fine = textured_field(ratio, n_coarse, seed)
+    reg = register_maps(coarse, 2.0 * ratio, fine, 2.0)
+    err = fine_pixel_errors(reg, block_matrix(ratio), fine.shape[1:])
+    assert reg.passed, (reg.score, reg.margin, reg.ncc)
+    assert err.max() <= 0.25 and abs(reg.rotation_deg) <= 1.0, (err.max(), reg.rotation_deg)
+    assert reg.scale == pytest.approx(1.0 / ratio, rel=1e-6) and reg.details["coverage"] > 0.95
+
+
+def test_unrelated_textures_fail():
+    """Two textures of different fields: no placement may pass, however good its small overlap."""
+    coarse, _ = textured_field(8, 16, 0)
+    _, fine = textured_field(8, 16, 100)
+    reg = register_maps(coarse, 16.0, fine, 2.0)
+    assert not reg.passed and reg.margin < 0.05
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not REAL_TOFSIMS.exists(), reason="real data ../shared/data/real absent")
+@pytest.mark.parametrize("crop", [128, 256])
+def test_real_tofsims_split_block_mean_by_8(crop):
+    """Real ToF-SIMS poplar wood (the whole field is wood): group A of the strongest channels
+    block-averaged by 8 (16 x 16 or 32 x 32 px) against group B at full resolution, channels as
+    the component maps, automatic masks: the exact scaling, every fine pixel within 0.25 px."""
+    coarse, fine = real_split(8, crop)
+    reg = register_maps(coarse, 16.0, fine, 2.0)
+    err = fine_pixel_errors(reg, block_matrix(8), fine.shape[1:])
+    assert reg.passed and err.max() <= 0.25, (err.max(), reg.rotation_deg, reg.margin, reg.ncc)
 
 
 def test_registration_table_rows_and_failed_pairs(tmp_path, caplog):

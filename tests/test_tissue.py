@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from msifusion.tissue import (
+    interleaving,
     label_sections,
     otsu_threshold,
     propose_rois,
     remove_small_components,
     soft_mask,
     tissue_mask,
+    tissue_mask_from_maps,
 )
+from test_register import REAL_TOFSIMS, real_split, textured_field
 
 
 def _disk(shape, cx, cy, r):
@@ -154,3 +157,65 @@ def test_soft_mask():
 
     assert s[20, 20] == pytest.approx(1.0, abs=1e-4)
     assert s[20, 10] == pytest.approx(norm.cdf(0.25), abs=2e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# masks from component maps: sections on background, fields of view inside the tissue
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio, n_coarse, seed", [(4, 32, 0), (8, 16, 1), (12, 12, 2), (8, 8, 3)])
+def test_field_inside_textured_tissue_is_all_tissue(ratio, n_coarse, seed):
+    """A textured tissue filling the field (wood: walls, empty lumens, counting noise) has no
+    background: both k-means classes are parts of its texture, at either resolution."""
+    coarse, fine = textured_field(ratio, n_coarse, seed)
+    assert tissue_mask_from_maps(coarse).mean() >= 0.95
+    assert tissue_mask_from_maps(fine).mean() >= 0.95
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not REAL_TOFSIMS.exists(), reason="real data ../shared/data/real absent")
+@pytest.mark.parametrize("factor", [1, 8])
+def test_real_wood_section_is_all_tissue(factor):
+    """The real ToF-SIMS poplar wood cube (wood everywhere, 256 x 256 px) at full resolution and
+    block-averaged by 8 (32 x 32 px): both channel groups keep >= 95 % of the acquired pixels."""
+    for maps in real_split(factor, 256):
+        assert tissue_mask_from_maps(maps).mean() >= 0.95
+
+
+def _section_maps(tissue, seed, *, background=0.5, counts=40.0):
+    """Component-like maps (4, ny, nx) of a textured tissue on a background of another
+    composition with ``background`` times the tissue's signal (a MALDI matrix), smoothed like NMF
+    maps of counts."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    tex = ndi.gaussian_filter(rng.standard_normal(tissue.shape), 2.0)
+    tex = np.exp(0.7 * tex / tex.std())
+    comp_t = (np.array([1.0, 0.8, 0.2, 0.1]) + 0.2 * rng.random(4))[:, None, None]
+    comp_b = comp_t[::-1]
+    lam = np.where(tissue, counts * tex * comp_t / comp_t.sum(), background * counts * comp_b / comp_b.sum())
+    return ndi.gaussian_filter(rng.poisson(lam).astype(float), (0, 1, 1))
+
+
+@pytest.mark.parametrize("where", ["inside", "crossing"])
+def test_section_on_background_keeps_its_outline(where):
+    """A textured section with background around it, or a field of view crossing the section's
+    edge (tissue touching two thirds of the border): the mask is the section, not the field."""
+    yy, xx = np.mgrid[0:90, 0:110]
+    tissue = (xx - 55) ** 2 / 35 ** 2 + (yy - 45) ** 2 / 28 ** 2 <= 1 if where == "inside" \
+        else (xx + 0.3 * yy) < 70
+    mask = tissue_mask_from_maps(_section_maps(tissue, seed=4))
+    iou = (mask & tissue).sum() / (mask | tissue).sum()
+    assert iou > 0.93 and mask.mean() < 0.8, (iou, mask.mean())
+
+
+def test_interleaving_regions_against_texture():
+    """Two regions meet along one outline (density near 0); a checkerboard of 2 x 2 blocks
+    interleaves finely; a class of isolated pixels vanishes under the majority vote."""
+    yy, xx = np.mgrid[0:40, 0:50]
+    acquired = np.ones((40, 50), bool)
+    density, share = interleaving(xx < 20, acquired)
+    assert density < 0.05 and share == pytest.approx(0.4)
+    assert interleaving(((xx // 4 + yy // 4) % 2) == 0, acquired)[0] > 0.3
+    assert interleaving(((xx % 7) == 0) & ((yy % 7) == 0), acquired)[1] == 0.0

@@ -26,7 +26,7 @@ def nmf_step(converted: dict[str, str], axis: str, out: str, *, modality: str,
     res = nmf.run_nmf(converted, ax, out, rank=rank, normalize=normalize, transform=transform,
                       backend=backend, max_iter=max_iter, tol=tol, seed=seed, modality=modality,
                       device=device, memory_gb=memory_gb, block_pixels=block_pixels)
-    log.info("NMF %s: rank %d, relative error %.4f after %d iterations", modality, rank,
+    log.info("NMF %s: rank %d, relative error %.4f after %d iterations", modality, res.W.shape[1],
              res.errors[-1], len(res.errors))
     if figure:
         components_figure(out, figure)
