@@ -13,13 +13,20 @@
     target and the fine maps of one chain step), then compared with the untouched group A:
     Pearson r of A's summed image, mean per-channel r and PSNR, against bicubic.
 
+(c) The same cube split through the whole workflow (``--part split``; sheet, chain, binning and
+    targets only, every group-A channel a target): summed and per-target r of the shipped target
+    images against bicubic, fidelity, targets given detail.
+(d) The real MSIght MALDI + H&E pair through the whole workflow (``--part msight``; MALDI
+    area-averaged by 4 and 8, the H&E an image level): the shipped images averaged over each
+    measured 25 um pixel against the measured 25 um images, against bicubic and nearest-block.
+
 The phantom part also prints a ceiling per level: the truth fitted by least squares on that
 level's own multi-scale component maps, in-sample (see :func:`linear_ceiling`).
 
 Usage::
 
-    python benchmarks/bench_fusion.py [--part phantoms|real|all] [--seeds 0 1 2]
-        [--presets small demo] [--channels 40]
+    python benchmarks/bench_fusion.py [--part phantoms|real|split|msight|all] [--seeds 0 1 2]
+        [--presets small demo] [--channels 40] [--crops 128 256] [--factors 4 8]
 """
 
 from __future__ import annotations
@@ -37,13 +44,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from msifusion.evaluate import (bicubic_to_grid, evaluate_section, raw_ion_image,  # noqa: E402
-                                section_roi)
+from msifusion.evaluate import (bicubic_to_grid, evaluate_section, pearson,  # noqa: E402
+                                raw_ion_image, section_roi)
 from msifusion.store import ConvertedReader  # noqa: E402
 from msifusion.fuse import fuse_pair  # noqa: E402
 from msifusion.phantom import generate_study  # noqa: E402
 from msifusion.steps.fuse import fuse_step  # noqa: E402
+from msifusion.steps.ions import ion_images_step  # noqa: E402
 from msifusion.products import product_ion_image, read_fused  # noqa: E402
 
 CUBE = ROOT.parent / "shared" / "data" / "real" / "tofsims_poplar" / "tofsims_trift_poplar_256x256.h5"
@@ -126,9 +135,13 @@ def evaluate_methods(study: dict, out: Path) -> list[dict]:
             transforms = [str(w / "results" / s / f"transform_{c}_{f}.json")
                           for c, f in zip(chain[:-1], chain[1:])]
             fused = {m: str(out / f"{s}_{m}.h5") for m in chain[1:]}
-            fuse_step(maps, transforms, list(fused.values()), str(out / f"{s}_fusion.json"),
-                      targets=list(summary["targets_mz"]), ppm=study["cfg"]["targets"]["ppm"], **kw)
             reference = next((w / "results" / "converted" / ref).glob("*.h5"))
+            ions = str(out / f"{s}_ions.h5")
+            ion_images_step(str(reference), maps[0], ions, targets=list(summary["targets_mz"]),
+                            ppm=study["cfg"]["targets"]["ppm"])
+            fuse_step(maps, transforms, list(fused.values()), str(out / f"{s}_fusion.json"),
+                      ions=ions, targets=list(summary["targets_mz"]),
+                      ppm=study["cfg"]["targets"]["ppm"], **kw)
             for r in evaluate_section(str(w / "study" / "truth" / f"{s}.h5"), fused, str(reference),
                                       section_roi(maps[0]), targets=summary["targets_mz"],
                                       ppm=study["cfg"]["targets"]["ppm"]):
@@ -243,7 +256,9 @@ def _psnr(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _r(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+    """Pearson r over the pixels finite in both."""
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
 
 
 def real_cube(n_channels: int) -> bool:
@@ -288,9 +303,154 @@ def real_cube(n_channels: int) -> bool:
     return ok
 
 
+def split_workflow(crops, factors, n_channels: int = 40, seed: int = 0) -> bool:
+    """(c) The real cube split as in ``benchmarks/bench_register_split.py``, through the whole
+    workflow (its own NMF, masks, registration and target images); every group-A channel is a
+    target. Per case: summed r (the targets' summed image against group A's), mean per-target r
+    of the shipped images and of bicubic (true transform), how many targets lose more than 0.01
+    to bicubic, the least fidelity (r of a shipped image averaged back onto the coarse grid with
+    the measured coarse image) and the targets given detail."""
+    import bench_register_split as brs
+
+    from msifusion.steps.ions import read_ion_images
+
+    if not CUBE.exists():
+        print(f"\n(c) real cube not found at {CUBE}; skipped")
+        return True
+    cube, mz = brs.load_cube()
+    groups = brs.split_channels(cube, n_channels, seed)
+    print(f"\n(c) real ToF-SIMS cube split through the workflow (seed {seed}; every group-A channel "
+          "a target)")
+    print(f"{'case':<18s}{'summed r':>9s}{'bicubic':>9s}{'mean r':>8s}{'bicubic':>9s}"
+          f"{'worse':>7s}{'min fid':>9s}{'detail':>8s}{'s':>6s}")
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        for crop in crops:
+            for factor in factors:
+                folder = Path(tmp) / f"crop{crop}_x{factor}"
+                t0 = time.perf_counter()
+                cfg = brs.write_study(folder, cube, mz, groups, crop, factor,
+                                      n_targets=len(groups[0]))
+                done, tail = brs.run_workflow(folder, cfg, True, ROOT / "Snakefile")
+                if not done:
+                    print(f"crop {crop} x{factor}: workflow FAILED\n{tail[-1500:]}")
+                    ok = False
+                    continue
+                res = folder / "results" / brs.SECTION
+                d = read_fused(res / "fused_hi.h5")
+                extra = d["extra"]
+                measured = read_ion_images(res / "ions_lo.h5")["images"]
+                truth = cube[:, :crop, :crop][groups[0]]
+                order = [int(np.argmin(np.abs(mz[groups[0]] - t))) for t in extra["target_mz"]]
+                truth = truth[order]
+                m_true = brs.true_matrix(factor)
+                shipped = np.asarray(extra["target_image"], dtype=np.float64)
+                bic = np.array([bicubic_to_grid(c, m_true, truth.shape[1:]) for c in measured])
+                r_f = np.array([_r(p, t) for p, t in zip(shipped, truth)])
+                r_b = np.array([_r(p, t) for p, t in zip(bic, truth)])
+                summed_f, summed_b = _r(shipped.sum(0), truth.sum(0)), _r(bic.sum(0), truth.sum(0))
+                worse = int(np.sum(r_f < r_b - 0.01))
+                fid = float(np.min(extra["target_fidelity_r"]))
+                detail = f"{int(np.sum(extra['target_gain'] > 0))}/{len(r_f)}"
+                need = 0.93 if factor == 4 else 0.92
+                good = summed_f >= need and worse == 0 and r_f.mean() >= r_b.mean() and fid >= 0.99
+                ok &= good
+                print(f"{f'{crop} px x{factor}':<18s}{summed_f:9.3f}{summed_b:9.3f}{r_f.mean():8.3f}"
+                      f"{r_b.mean():9.3f}{worse:7d}{fid:9.4f}"
+                      f"{detail:>8s}"
+                      f"{time.perf_counter() - t0:6.0f}  {'meets' if good else 'MISSES'} summed r >= "
+                      f"{need}, none worse than bicubic - 0.01, fidelity >= 0.99")
+                print("   per target (m/z: fused / bicubic, gain): " + ", ".join(
+                    f"{t:.0f}: {a:.3f}/{b:.3f} g{g:g}" for t, a, b, g in
+                    zip(extra["target_mz"], r_f, r_b, extra["target_gain"])))
+    return ok
+
+
+def msight_workflow(factors) -> bool:
+    """(d) The real MALDI + H&E pair (``benchmarks/bench_register_image.py``): the MALDI
+    area-averaged by ``k`` (100 / 200 um) and the H&E as an image level, through the whole
+    workflow (its own registration), the 20 most intense m/z as targets. The shipped images (on
+    the H&E grid) are averaged over each 25 um MALDI pixel through the found registration and
+    scored against the measured 25 um images on the acquired pixels; bicubic and nearest-block
+    upsample the measured coarse image onto the 25 um grid. Fidelity: r of each shipped image
+    averaged back onto the coarse grid with the measured coarse image."""
+    import subprocess
+
+    import bench_register_image as bri
+
+    from msifusion.fuse import footprint_average
+    from msifusion.steps.ions import read_ion_images
+
+    if not (bri.MALDI.exists() and bri.HE.exists()):
+        print(f"\n(d) real pair not found in {bri.DATA}; skipped")
+        return True
+    out = ROOT / "benchmarks" / "out" / "fusion_msight"
+    out.mkdir(parents=True, exist_ok=True)
+    converted = out / "maldi_25um.h5"
+    if not converted.exists():
+        subprocess.run([sys.executable, "-m", "msifusion", "convert", str(bri.MALDI), str(converted)],
+                       check=True, capture_output=True, cwd=ROOT)
+    reader = ConvertedReader(converted)
+    x = bri.dense(reader)
+    order = np.argsort(x.sum(0))[::-1][:20]
+    targets = [round(float(reader.mz_axis[j]), 4) for j in order]
+    truth = np.stack([reader.to_image(x[:, j]) for j in order])
+    print("\n(d) MSIght MALDI + H&E through the workflow, 20 most intense m/z, scored against the "
+          "measured 25 um images")
+    print(f"{'case':<8s}{'fused r':>8s}{'bicubic':>8s}{'nearest':>8s}{'wins':>6s}{'worse':>7s}"
+          f"{'min fid':>9s}{'detail':>8s}{'pixels':>8s}{'s':>6s}")
+    ok = True
+    for k in factors:
+        folder = bri.study(out / f"x{k}", k, converted, None)
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        cfg["targets"] = {"mz": targets, "ppm": 25}
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        t0 = time.perf_counter()
+        proc = subprocess.run([bri.SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(folder),
+                               "--configfile", str(folder / "config.yaml"), "--cores", "2"],
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            print(f"x{k}: workflow FAILED\n{proc.stderr[-2000:]}")
+            ok = False
+            continue
+        res = folder / "results" / "s1"
+        d = read_fused(res / "fused_he.h5")
+        extra = d["extra"]
+        measured = read_ion_images(res / "ions_maldi.h5")["images"]
+        m25 = bri.to_25um(np.asarray(extra["matrix_to_reference"]), k)
+        fused25, cov = footprint_average(np.asarray(extra["target_image"], np.float64), m25,
+                                         truth.shape[1:])
+        up = np.array([[1 / k, 0, (1 / k - 1) / 2], [0, 1 / k, (1 / k - 1) / 2]])
+        # the coarse grid's origin: the coarsened file's pixel (0, 0) is the block of 25 um pixel 0
+        bic = np.array([bicubic_to_grid(c, up, truth.shape[1:]) for c in measured])
+        yy, xx = np.mgrid[0:truth.shape[1], 0:truth.shape[2]]
+        near = measured[:, np.minimum(yy // k, measured.shape[1] - 1), np.minimum(xx // k, measured.shape[2] - 1)]
+        valid = np.isfinite(truth).all(0) & (cov >= 0.9) & np.isfinite(bic).all(0) & np.isfinite(near).all(0)
+        r_f = np.array([pearson(a, b, valid) for a, b in zip(fused25, truth)])
+        r_b = np.array([pearson(a, b, valid) for a, b in zip(bic, truth)])
+        r_n = np.array([pearson(a, b, valid) for a, b in zip(near, truth)])
+        worse = int(np.sum(r_f < r_b - 0.01))
+        fid = float(np.min(extra["target_fidelity_r"]))
+        good = worse == 0 and r_f.mean() >= r_b.mean() and fid >= 0.99
+        ok &= good
+        detail = f"{int(np.sum(extra['target_gain'] > 0))}/{len(r_f)}"
+        print(f"{f'x{k}':<8s}{r_f.mean():8.3f}{r_b.mean():8.3f}{r_n.mean():8.3f}"
+              f"{int(np.sum(r_f > r_b)):6d}{worse:7d}{fid:9.4f}{detail:>8s}{int(valid.sum()):8d}"
+              f"{seconds:6.0f}  {'meets' if good else 'MISSES'} none worse than bicubic - 0.01, "
+              "mean >= bicubic, fidelity >= 0.99")
+        print("   per target (m/z: fused / bicubic, gain): " + ", ".join(
+            f"{t:.2f}: {a:.3f}/{b:.3f} g{g:g}" for t, a, b, g in
+            zip(extra["target_mz"], r_f, r_b, extra["target_gain"])))
+    return ok
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("phantoms", "real", "all"), default="all")
+    ap.add_argument("--part", choices=("phantoms", "real", "split", "msight", "all"), default="all")
+    ap.add_argument("--factors", type=int, nargs="+", default=[4, 8],
+                    help="MSIght coarsening factors (part msight)")
+    ap.add_argument("--crops", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--presets", nargs="+", default=["small", "demo"])
     ap.add_argument("--channels", type=int, default=40)
@@ -298,6 +458,10 @@ def main(argv=None) -> int:
     ok = True
     if a.part in ("real", "all"):
         ok &= real_cube(a.channels)
+    if a.part in ("msight", "all"):
+        ok &= msight_workflow(a.factors)
+    if a.part in ("split", "all"):
+        ok &= split_workflow(a.crops, (4, 8), a.channels)
     if a.part in ("phantoms", "all"):
         ok &= phantoms(a.presets, a.seeds)
     print("\nall done-when figures met" if ok else "\nsome done-when figures MISSED")

@@ -100,7 +100,14 @@ def cmd_fuse(a):
     fuse_step(a.maps, a.transforms, a.out, a.report, method=a.method,
               n_components=a.n_components, scales_px=a.scales_px, alpha_se=a.alpha_se,
               consistency=consistency, min_coverage=a.min_coverage, targets=a.targets,
-              ppm=a.ppm, min_target_r=a.min_target_r, seed=a.seed)
+              ppm=a.ppm, min_target_r=a.min_target_r, min_gain=a.min_gain, ions=a.ions,
+              seed=a.seed)
+
+
+def cmd_ions(a):
+    from .steps.ions import ion_images_step
+
+    ion_images_step(a.converted, a.maps, a.out, targets=a.targets, ppm=a.ppm)
 
 
 def cmd_ion_image(a):
@@ -324,12 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppm", type=float, default=default("targets.ppm"),
                    help="target window (+- ppm)")
     s.add_argument("--min-target-r", type=float, default=default("fusion.min_target_r"))
+    s.add_argument("--min-gain", type=float, default=default("fusion.min_gain"),
+                   help="least r a target's detail must add in the reduced-scale test")
+    s.add_argument("--ions", help="measured target ion images of the section (command ions); "
+                                  "needed with --targets")
     s.add_argument("--consistency", choices=("auto", "on", "off"),
                    default={"auto": "auto", True: "on", False: "off"}[default("fusion.consistency")],
                    help="footprint consistency with the coarse values: auto (per component, by "
                         "how little the finer modality explains it), on or off")
     s.add_argument("--seed", type=int, default=default("seed"))
     s.set_defaults(func=cmd_fuse)
+
+    s = sub.add_parser("ions", help="measured target ion images over one section of the reference")
+    s.add_argument("converted", help="the reference's converted file (results/converted/...)")
+    s.add_argument("maps", help="the section maps file of the reference (its ROI)")
+    s.add_argument("out", help="ion images file (HDF5)")
+    s.add_argument("--targets", type=float, nargs="+", required=True)
+    s.add_argument("--ppm", type=float, default=default("targets.ppm"))
+    s.set_defaults(func=cmd_ions)
 
     s = sub.add_parser("ion-image", help="ion image at m/z +- ppm from a fused product")
     s.add_argument("product", help="fused_*.h5 (or section maps_*.h5)")

@@ -741,49 +741,6 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
                         residual=residual.reshape((k0,) + coarse_shape), info=info)
 
 
-def target_scores(weights: np.ndarray, target: np.ndarray, residual: np.ndarray,
-                  train_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cross-validated score of target ion images (linear combinations of the components).
-
-    A target image is ``weights[t] @ target`` (e.g. the component spectra summed over an m/z
-    window); its held-out prediction is ``weights[t] @ (target - residual)``, with ``residual``
-    the spatial-block cross-validated residual of the components (:class:`FusionResult`). A
-    species that the finer modality does not see (an FT-ICR-only molecule) gets a score near 0
-    whatever its share of the components.
-
-    Parameters
-    ----------
-    weights : ndarray, shape (T, k0)
-    target : ndarray, shape (k0, nyc, nxc)
-        The coarse target components of this chain step.
-    residual : ndarray, shape (k0, nyc, nxc)
-        Held-out residual (NaN off the training pixels).
-    train_mask : ndarray of bool, shape (nyc, nxc)
-
-    Returns
-    -------
-    r : ndarray, shape (T,)
-        Pearson r between each target image and its held-out prediction on the training pixels
-        (NaN for a constant image).
-    residual_images : ndarray, shape (T, nyc, nxc), float32
-        Held-out residual of each target image (NaN off the training pixels): where the finer
-        modality fails to explain the target.
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    t = np.asarray(target, dtype=np.float64)
-    res = np.asarray(residual, dtype=np.float64)
-    m = np.asarray(train_mask, bool)
-    if w.ndim != 2 or w.shape[1] != t.shape[0] or res.shape != t.shape or m.shape != t.shape[1:]:
-        raise InputError(f"target_scores: shapes weights {w.shape}, target {t.shape}, residual "
-                         f"{res.shape}, mask {m.shape} do not match")
-    img = np.tensordot(w, np.nan_to_num(t[:, m]), axes=1)           # (T, n)
-    err = np.tensordot(w, np.nan_to_num(res[:, m]), axes=1)
-    r = _pearson(img.T, (img - err).T) if m.any() else np.full(len(w), np.nan)
-    out = np.full((len(w),) + m.shape, np.nan, dtype=np.float32)
-    out[:, m] = err
-    return np.asarray(r, dtype=np.float64), out
-
-
 def fuse_chain(levels: Sequence, matrices: Sequence[np.ndarray], *,
                masks: Sequence[np.ndarray | None] | None = None,
                names: Sequence[str] | None = None, **kw) -> list[FusionResult]:

@@ -98,11 +98,11 @@ def not_predictable_note(flag_r: float) -> str:
 def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.ndarray, float | None]:
     """Ion image of a fused product, as the product vouches for it.
 
-    For a configured target flagged as not predictable (see :func:`target_flag`) the fine
-    prediction is not trusted: the product's ``extra/target_image`` holds the target's image at
-    the last coarser level where it was predictable (the reference's own when none was),
-    interpolated (bicubic, through the registrations) onto this grid, and that is returned. Every
-    other m/z is reconstructed from the maps (:func:`ion_image`).
+    A configured target's image is the product's ``extra/target_image``: built from the measured
+    ion image, with fine detail where the reduced-scale test supports it and averaging back to
+    the measured image (:func:`msifusion.sharpen.sharpen_targets`); for a target flagged as not
+    predictable (:func:`target_flag`) it is the measured image interpolated. Every other m/z is
+    reconstructed from the maps (:func:`ion_image`).
 
     Parameters
     ----------
@@ -120,12 +120,13 @@ def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.
     """
     extra = fused.get("extra", {})
     flag = target_flag(extra, target_mz)
-    if flag is not None:
-        if "target_image" in extra and np.isclose(float(extra.get("target_ppm", np.nan)), ppm):
-            return np.asarray(extra["target_image"][_target_index(extra, target_mz)],
-                              dtype=np.float64), flag
-        log.warning("m/z %.4f is flagged as not predictable, but the product holds no interpolated "
-                    "image at +- %g ppm: showing the fine prediction from the maps", target_mz, ppm)
+    hit = _target_index(extra, target_mz)
+    if hit is not None and "target_image" in extra:
+        if np.isclose(float(extra.get("target_ppm", np.nan)), ppm):
+            return np.asarray(extra["target_image"][hit], dtype=np.float64), flag
+        log.warning("m/z %.4f is a target of the product at +- %g ppm, not +- %g ppm: its image is "
+                    "reconstructed from the maps", target_mz, float(extra.get("target_ppm", np.nan)),
+                    ppm)
     return ion_image(fused["spectra"], fused["mz"], fused["maps"], target_mz, ppm), flag
 
 

@@ -524,3 +524,33 @@ def assemble_matrix(reader, axis: MzAxis, *, normalize: str = "none", transform:
     log.info("%s: %d pixels x %d m/z, %d values, %.1f%% of the intensity on the axis",
              reader.path, out.shape[0], out.shape[1], out.nnz, 100 * kept / total if total else 0)
     return out
+
+
+def measured_ion_images(reader: ConvertedReader, targets: Sequence[float], ppm: float,
+                        block_pixels: int = 65536) -> np.ndarray:
+    """Measured ion images: raw intensities within ``target +- ppm`` summed per pixel.
+
+    One pass over the converted spectra, in blocks of ``block_pixels`` spectra (memory: the
+    images plus one block).
+
+    Parameters
+    ----------
+    reader : ConvertedReader
+    targets : sequence of float
+        Target m/z (T,).
+    ppm : float
+        Half-width of each window, ppm.
+
+    Returns
+    -------
+    ndarray, shape (T, ny, nx), float64
+        On the acquisition grid; NaN where no spectrum was acquired.
+    """
+    targets = [float(t) for t in targets]
+    values = np.zeros((len(targets), reader.n_pixels))
+    for start, stop, indptr, mz, inten in reader.iter_blocks(block_pixels):
+        rows = value_rows(indptr)
+        for i, t in enumerate(targets):
+            keep = mz_window(mz, t, ppm)
+            values[i, start:stop] = np.bincount(rows[keep], weights=inten[keep], minlength=stop - start)
+    return np.moveaxis(reader.to_image(values.T).astype(np.float64), -1, 0)

@@ -70,11 +70,16 @@ def grid_stage(modality):
     return grid["stage"] if grid["enabled"] else None
 
 
-def converted(modality):
-    """Converted HDF5 files of one modality as the NMF reads them (grid-corrected when the grid
-    is removed before NMF), in sheet order."""
+def converted_file(modality, file_id):
+    """One converted HDF5 file as the NMF reads it (grid-corrected when the grid is removed
+    before NMF)."""
     folder = "degrid/" if grid_stage(modality) == "before_nmf" else ""
-    return [f"results/converted/{modality}/{folder}{fid}.h5" for fid in STUDY.files(modality)]
+    return f"results/converted/{modality}/{folder}{file_id}.h5"
+
+
+def converted(modality):
+    """Converted HDF5 files of one modality as the NMF reads them, in sheet order."""
+    return [converted_file(modality, fid) for fid in STUDY.files(modality)]
 
 
 def components(modality):

@@ -3,6 +3,7 @@ rule fuse:
     input:
         maps=lambda wc: [f"results/{wc.section}/maps_{m}.h5" for m in CHAIN],
         transforms=lambda wc: pair_files(wc.section, "transform", "json"),
+        ions=f"results/{{section}}/ions_{REF}.h5",
         targets=f"results/nmf/{REF}.targets.json",
         code=code("fuse"),
     output:
@@ -23,6 +24,7 @@ rule fuse:
             targets=TARGETS,
             ppm=config["targets"]["ppm"],
             min_target_r=config["fusion"]["min_target_r"],
+            min_gain=config["fusion"]["min_gain"],
             seed=config["seed"],
         ),
     threads: 2

@@ -33,6 +33,35 @@ rule crop:
         "../scripts/crop.py"
 
 
+rule ion_images:
+    """The targets' measured ion images over one section of the reference (raw spectra summed in
+    each target's ppm window): what every fused target image must reproduce when averaged back."""
+    input:
+        converted=lambda wc: converted_file(REF, STUDY.acquisition(wc.section, REF).file_id),
+        maps=f"results/{{section}}/maps_{REF}.h5",
+        targets=f"results/nmf/{REF}.targets.json",
+        code=code("ion_images"),
+    output:
+        f"results/{{section}}/ions_{REF}.h5",
+    log:
+        "logs/ion_images/{section}.log",
+    benchmark:
+        "results/benchmarks/ion_images/{section}.tsv"
+    params:
+        **named(
+            targets=TARGETS,
+            ppm=config["targets"]["ppm"],
+        ),
+    threads: 1
+    resources:
+        mem_mb=lambda wc, input, attempt: int(1000 + 2 * size_mb(input.maps)) * attempt,
+        runtime=lambda wc, input, attempt: int(10 + size_mb(input.converted) / 100) * attempt,
+    conda:
+        "../envs/register.yaml"
+    script:
+        "../scripts/ion_images.py"
+
+
 rule register:
     """Rigid (or affine) registration of an adjacent chain pair: fine -> coarse, multi-start."""
     input:

@@ -7,6 +7,6 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the msifusion packa
 from msifusion.job import run_job, script_params
 from msifusion.steps.fuse import fuse_step
 
-run_job(snakemake, fuse_step, maps=list(snakemake.input.maps),
+run_job(snakemake, fuse_step, maps=list(snakemake.input.maps), ions=snakemake.input.ions,
         transforms=list(snakemake.input.transforms), outs=list(snakemake.output.fused),
         report=snakemake.output.report, **script_params(snakemake))

@@ -9,7 +9,7 @@ import pytest
 from msifusion.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["convert", "export", "nmf", "degrid", "crop", "register", "fuse", "ion-image", "spectrum",
+STAGES = ["convert", "export", "nmf", "degrid", "crop", "register", "fuse", "ions", "ion-image", "spectrum",
           "phantom", "evaluate", "validate"]
 
 

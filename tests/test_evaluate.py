@@ -41,6 +41,32 @@ def test_bicubic_identity_and_shift():
     assert np.isnan(outside).all()
 
 
+def test_bicubic_does_not_ring_at_unknown_pixels():
+    """A flat image known on a disc (NaN around it, e.g. off the scan): upsampled by 4 it stays
+    exactly flat on the disc (a spline through NaN set to 0 overshoots and undershoots there),
+    NaN where the nearest coarse pixel is unknown; a ramp stays a ramp up to near the edge."""
+    yy, xx = np.mgrid[0:12, 0:12]
+    disc = (xx - 5.5) ** 2 + (yy - 5.5) ** 2 <= 20
+    f = 4
+    m = np.array([[1 / f, 0, (1 / f - 1) / 2], [0, 1 / f, (1 / f - 1) / 2]])
+    up = bicubic_to_grid(np.where(disc, 3.0, np.nan), m, (48, 48))
+    expect_known = np.kron(disc, np.ones((f, f), bool))
+    np.testing.assert_array_equal(np.isfinite(up), expect_known)
+    np.testing.assert_allclose(up[expect_known], 3.0, atol=1e-12)
+    ramp = bicubic_to_grid(np.where(disc, xx.astype(float), np.nan), m, (48, 48))
+    xf = (np.arange(48) + 0.5) / f - 0.5
+    inner = np.kron(ndi_erode(disc), np.ones((f, f), bool))
+    # two coarse pixels in from the edge: within 0.05 (the spline's prefilter sees the filled
+    # values; with NaN set to 0 the error there is about 1)
+    np.testing.assert_allclose(ramp[inner], np.broadcast_to(xf, (48, 48))[inner], atol=0.05)
+
+
+def ndi_erode(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=2)
+
+
 def test_table_round_trip_and_format(tmp_path):
     rows = [dict(section="s1", level="maldi", pixel_size_um=20.0, target_mz=760.5851, r_fused=0.9,
                  r_bicubic=0.7, n_pixels=100)]

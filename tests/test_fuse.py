@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from msifusion.errors import InputError
 from msifusion.fuse import (FusionResult, footprint_average, fuse_chain, fuse_pair,
-                            multiscale_features, target_scores)
+                            multiscale_features)
 
 
 def scale_matrix(ratio, tx=0.0, ty=0.0):
@@ -145,25 +145,6 @@ def test_ridge_recovers_linear_target_at_fine_grid():
     assert np.all(r_fine(res.pred, truth) > r_fine(up, truth) + 0.02)
     assert res.residual.shape == coarse.shape
     assert res.info["n_train"] == 16 * 16 and res.info["train_mask"].all()
-
-
-def test_target_scores_flag_what_the_fine_modality_cannot_explain():
-    """Component 0 is a linear function of the fine maps, component 1 an unrelated coarse
-    pattern (a species the fine modality does not see): the target made of component 0 scores
-    high, the one made of component 1 near 0, a 50/50 mix in between; the residual images are
-    the held-out residuals combined with the same weights."""
-    fine, coarse, _, m = linear_problem()
-    rng = np.random.default_rng(5)
-    unseen = fields(rng, 1, 16, 1.0)[0] * 2.0 + 1.0
-    target = np.stack([coarse[0], unseen])
-    res = fuse_pair(target, None, fine, m, method="ridge")
-    w = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    r, resid = target_scores(w, target, res.residual, res.info["train_mask"])
-    assert r[0] > 0.99 and r[1] < 0.3 and r[1] < r[2] < r[0]   # no signal: r near 0 or below
-    assert resid.shape == (3, 16, 16) and resid.dtype == np.float32
-    np.testing.assert_allclose(resid[2], res.residual[0] + res.residual[1], rtol=1e-5, atol=1e-6)
-    with pytest.raises(InputError, match="shapes"):
-        target_scores(w[:, :1], target, res.residual, res.info["train_mask"])
 
 
 def test_consistency_auto_corrects_only_what_the_fine_modality_cannot_explain():
@@ -315,30 +296,3 @@ def test_failed_registration_is_never_fused(tmp_path):
     assert not out.exists() and not (tmp_path / "fusion.json").exists()
 
 
-def test_target_images_interpolate_flagged_targets():
-    """Predictable targets are reconstructed from the predicted maps; a flagged one is the
-    reference image resampled (bicubic) through the composed transform, NaN where not acquired."""
-    from msifusion.evaluate import bicubic_to_grid
-    from msifusion.steps.fuse import _target_images
-
-    rng = np.random.default_rng(0)
-    pred = rng.random((3, 8, 10))
-    pred[:, 0, 0] = np.nan
-    weights = np.array([[1.0, 0.0, 2.0], [0.5, 0.5, 0.0]])
-    ref_images = rng.random((2, 4, 5))
-    m = np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25]])      # fine px -> reference px (x2)
-    trusted = [(img, np.eye(2, 3)) for img in ref_images]
-    out = _target_images(weights, pred, np.array([True, False]), trusted, m)
-    assert out.shape == (2, 8, 10) and out.dtype == np.float32
-    assert np.isnan(out[:, 0, 0]).all()
-    np.testing.assert_allclose(out[0, 1:], np.tensordot(weights[0], pred, axes=1)[1:], rtol=1e-6)
-    expect = bicubic_to_grid(ref_images[1], m, (8, 10))
-    np.testing.assert_allclose(out[1, 1:], expect[1:], rtol=1e-6)
-    assert not np.allclose(out[1, 1:], np.tensordot(weights[1], pred, axes=1)[1:], rtol=1e-2)
-    # flagged at a finer level only: the last level where it was predictable is the source
-    # (here a level of 2 x 2 reference px per px, offset by 1 reference px in x)
-    m_mid = np.array([[2.0, 0.0, 1.0], [0.0, 2.0, 0.0]])              # mid px -> reference px
-    mid = rng.random((3, 4))
-    out = _target_images(weights, pred, np.array([False, True]), [(mid, m_mid), trusted[1]], m)
-    to_mid = np.array([[0.25, 0.0, -0.625], [0.0, 0.25, -0.125]])      # fine px -> mid px
-    np.testing.assert_allclose(out[0, 1:], bicubic_to_grid(mid, to_mid, (8, 10))[1:], rtol=1e-6)

@@ -80,11 +80,11 @@ def test_fused_product_round_trip(tmp_path):
     assert [p for p in os.listdir(path.parent) if p.endswith(".part")] == []
 
 
-def test_product_ion_image_interpolated_for_flagged_targets(tmp_path, caplog):
-    """A target flagged as not predictable ships its interpolated image; any other m/z (and a
-    predictable target) is reconstructed from the maps."""
+def test_product_ion_image_ships_the_target_images(tmp_path, caplog):
+    """A configured target ships the product's target image (sharpened or, flagged, interpolated),
+    any other m/z is reconstructed from the maps; so is a target asked at another window."""
     maps = small_maps()
-    shipped = np.full((2, 3, 4), 7.0, dtype=np.float32)
+    shipped = np.stack([np.full((3, 4), 5.0), np.full((3, 4), 7.0)]).astype(np.float32)
     write_fused(tmp_path / "f.h5", maps, SPECTRA, MZ, origin_xy=(0, 0), pixel_size_um=20.0,
                 reference="FT-ICR",
                 extra={"target_mz": np.array([100.0, 200.0]), "target_ppm": 5.0,
@@ -93,17 +93,18 @@ def test_product_ion_image_interpolated_for_flagged_targets(tmp_path, caplog):
     d = read_fused(tmp_path / "f.h5")
     assert target_flag(d["extra"], 100.0) is None and target_flag(d["extra"], 300.0) is None
     assert target_flag(d["extra"], 200.0) == pytest.approx(0.1)
-    from_maps = ion_image(SPECTRA, MZ, maps, 100.0, 5.0)
     img, flag = product_ion_image(d, 100.0, 5.0)
     assert flag is None
-    np.testing.assert_array_equal(img, from_maps)
+    np.testing.assert_array_equal(img, shipped[0])
     img, flag = product_ion_image(d, 200.0, 5.0)
     assert flag == pytest.approx(0.1)
     np.testing.assert_array_equal(img, shipped[1])
+    img, flag = product_ion_image(d, 300.0, 5.0)
+    np.testing.assert_array_equal(img, ion_image(SPECTRA, MZ, maps, 300.0, 5.0))
     # another window than the stored one: the maps, with a warning naming the m/z
     img, flag = product_ion_image(d, 200.0, 50.0)
     np.testing.assert_array_equal(img, ion_image(SPECTRA, MZ, maps, 200.0, 50.0))
-    assert "200.0000 is flagged as not predictable" in caplog.text
+    assert "200.0000 is a target of the product at +- 5 ppm, not +- 50 ppm" in caplog.text
 
 
 def test_fused_write_is_atomic_and_checks_shapes(tmp_path):

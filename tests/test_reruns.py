@@ -87,6 +87,7 @@ _OWNERS = [  # results file -> the job that writes it ("rule/wildcards", as its 
     (r"results/nmf/(\w+)(?:\.h5|_components\.png)", r"nmf/\1"),
     (r"results/([\w.-]+)/maps_(\w+)\.h5", r"crop/\1/\2"),
     (r"results/([\w.-]+)/(?:transform|qc)_(\w+_\w+)\.(?:json|png)", r"register/\1/\2"),
+    (r"results/([\w.-]+)/ions_\w+\.h5", r"ion_images/\1"),
     (r"results/([\w.-]+)/(?:fused_\w+\.h5|fusion\.json)", r"fuse/\1"),
     (r"results/([\w.-]+)/(?:ion|roi)_.+", r"products/\1"),
     (r"results/evaluation\.tsv", "evaluate"),
@@ -194,8 +195,8 @@ def test_section_roi_reruns_that_section_only(case):
     def change():
         sheet.write_text("\n".join("\t".join(r) for r in rows) + "\n")
 
-    expected = {"crop/s01/fticr", "register/s01/fticr_maldi", "registration_summary", "fuse/s01",
-                "products/s01", "evaluate"}
+    expected = {"crop/s01/fticr", "ion_images/s01", "register/s01/fticr_maldi", "registration_summary",
+                "fuse/s01", "products/s01", "evaluate"}
     change_and_rerun(work, change, expected)
 
 

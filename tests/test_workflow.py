@@ -322,47 +322,63 @@ def test_roi_auto_finds_the_sections_of_a_shared_file(tmp_path):
 
 
 def test_reference_only_species_flagged_not_predictable(three_modality_run):
-    """The FT-ICR-only species is flagged in every fused product and the fusion report; at the
-    first finer level (MALDI, which sees every other target) nothing else is. At the ToF-SIMS
-    level a target may also be flagged: its small field of view and low counts may not explain a
-    target there (the chained score is the lowest step's)."""
+    """The FT-ICR-only species is flagged in every fused product and the fusion report (gain 0);
+    at the first finer level (MALDI, which sees every other target) at most one other is. At the
+    ToF-SIMS level a target may also be flagged: its small field of view and low counts may not
+    explain a target there. Every shipped target image averages back onto the FT-ICR grid to the
+    measured ion image (r >= 0.99); the flagged one is the measured image interpolated (r > 0.99
+    with its bicubic upsampling, not the maps' painted detail)."""
     import tifffile
 
-    from msifusion.evaluate import bicubic_to_grid
-    from msifusion.steps.section import read_section_maps
+    from msifusion.evaluate import bicubic_to_grid, pearson
     from msifusion.products import ion_image, read_fused
+    from msifusion.sharpen import fidelity, make_consistent
+    from msifusion.steps.ions import read_ion_images
+    from msifusion.steps.section import read_section_maps
 
     workdir, summary, cfg, _ = three_modality_run
     only = float(summary["reference_only_mz"])
     ppm = float(cfg["targets"]["ppm"])
     for section in summary["sections"]:
-        report = json.loads((workdir / "results" / section / "fusion.json").read_text())
+        res = workdir / "results" / section
+        report = json.loads((res / "fusion.json").read_text())
         first = {round(t["mz"], 4): t["predictable"] for t in report["levels"][0]["targets"]}
-        assert first.pop(round(only, 4)) is False and all(first.values()), report["levels"][0]
+        assert first.pop(round(only, 4)) is False, report["levels"][0]
+        # the reduced-scale test may judge one shared target's detail not worth it on this small
+        # phantom (a 20 x 25 px FT-ICR section: some 20 tissue pixels one scale down)
+        assert sum(first.values()) >= len(first) - 1, report["levels"][0]
+        measured = read_ion_images(res / f"ions_{cfg['chain'][0]}.h5")["images"]
+        ref = read_section_maps(res / f"maps_{cfg['chain'][0]}.h5")
         previous = None
         for modality, level in zip(cfg["chain"][1:], report["levels"]):
-            extra = read_fused(workdir / "results" / section / f"fused_{modality}.h5")["extra"]
+            fused = read_fused(res / f"fused_{modality}.h5")
+            extra = fused["extra"]
             i = int(np.argmin(np.abs(extra["target_mz"] - only)))
-            assert not extra["target_predictable"][i] and extra["target_cv_r"][i] < 0.5
+            assert not extra["target_predictable"][i] and extra["target_gain"][i] == 0
             assert list(extra["target_predictable"]) == [t["predictable"] for t in level["targets"]]
-            assert extra["target_cv_residual"].shape[0] == len(extra["target_mz"])
+            assert list(extra["target_predictable"]) == list(extra["target_gain"] > 0)
             if previous is not None:   # a flag is inherited down the chain
                 assert not np.any(~previous & extra["target_predictable"])
             previous = np.asarray(extra["target_predictable"])
-            # the shipped image of the flagged species is the reference's, interpolated: no
-            # painted fine detail (the TIFF is what products wrote)
-            ref = read_section_maps(workdir / "results" / section / f"maps_{cfg['chain'][0]}.h5")
-            ref_img = ion_image(ref["spectra"], ref["mz"], ref["maps"], only, ppm)
-            expect = bicubic_to_grid(np.nan_to_num(ref_img), extra["matrix_to_reference"],
-                                     extra["target_image"].shape[1:])
-            tif = tifffile.imread(workdir / "results" / section / f"ion_{modality}_mz{only:.4f}.tif")
+            m_ref = extra["matrix_to_reference"]
+            fid = fidelity(extra["target_image"], measured, m_ref, ref["mask"])
+            assert (fid >= 0.99).all(), fid
+            np.testing.assert_allclose(extra["target_fidelity_r"], fid, atol=1e-4)
+            # the shipped image of the flagged species (the TIFF is what products wrote)
+            tif = tifffile.imread(res / f"ion_{modality}_mz{only:.4f}.tif")
+            np.testing.assert_array_equal(np.isfinite(tif), np.isfinite(extra["target_image"][i]))
             ok = np.isfinite(tif)
             assert ok.sum() > 50
-            np.testing.assert_allclose(tif[ok], expect[ok], rtol=1e-4,
+            np.testing.assert_allclose(tif[ok], extra["target_image"][i][ok], rtol=1e-6)
+            # exactly the measured image interpolated, made consistent: no painted detail
+            acquired = np.isfinite(fused["maps"]).all(0)
+            bic = np.where(acquired, bicubic_to_grid(measured[i], m_ref, tif.shape), np.nan)
+            expect, _ = make_consistent(bic[None], measured[i:i + 1], m_ref)
+            np.testing.assert_allclose(tif[ok], expect[0][ok], rtol=1e-4,
                                        atol=1e-4 * np.nanmax(np.abs(expect)))
-            painted = ion_image(ref["spectra"], ref["mz"], read_fused(
-                workdir / "results" / section / f"fused_{modality}.h5")["maps"], only, ppm)
-            assert not np.allclose(tif[ok], painted[ok], rtol=1e-3)
+            assert pearson(tif, bic, ok) > 0.99
+            painted = ion_image(ref["spectra"], ref["mz"], fused["maps"], only, ppm)
+            assert not np.allclose(tif[ok], painted[ok], rtol=1e-2)
     log = (workdir / "logs" / "fuse" / f"{summary['sections'][0]}.log").read_text()
     assert f"m/z {only:.4f} is NOT PREDICTABLE" in log
 

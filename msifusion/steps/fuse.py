@@ -8,22 +8,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..affine import compose, invert
-from ..errors import QualityError
-from ..evaluate import bicubic_to_grid
-from ..fuse import fuse_chain, target_scores
+from ..errors import InputError, QualityError
+from ..fuse import fuse_chain
 from ..products import write_fused
 from ..register import Registration, chain_to_reference, pose
 from ..schema import default
-from ..spectra import mz_window
+from ..sharpen import fidelity, sharpen_targets
 from ..store import atomic_output
 from .register import registration_summary
+from .ions import read_ion_images
 from .section import read_section_maps
 
 log = logging.getLogger("msifusion.steps.fuse")
 
 
 def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: str, *,
+              ions: str | None = None,
               method: str = default("fusion.method"),
               n_components: int = default("fusion.n_components"),
               scales_px=default("fusion.scales_px"), alpha_se: float = default("fusion.alpha_se"),
@@ -32,8 +32,15 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
               targets: list[float] | None = default("targets.mz"),
               ppm: float = default("targets.ppm"),
               min_target_r: float = default("fusion.min_target_r"),
+              min_gain: float = default("fusion.min_gain"),
               seed: int = default("seed")) -> None:
-    """Chained fusion of one section: predict reference maps at every finer level.
+    """Chained fusion of one section: reference maps and target ion images at every finer level.
+
+    The component maps are predicted along the chain (:func:`msifusion.fuse.fuse_chain`). Each
+    target ion image starts from the measured one (``ions``) and is sharpened step by step
+    (:func:`msifusion.sharpen.sharpen_targets`): fine detail only where a held-out test one scale
+    down shows that it helps, and always averaging back to the image it started from. A target
+    that gets no detail at a step ships the interpolated image from there on, flagged.
 
     Parameters
     ----------
@@ -45,11 +52,13 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
         Fused product paths for ``maps[1:]``.
     report : str
         JSON file with the cross-validated scores per level and component, and per target.
+    ions : str, optional
+        The section's measured target ion images (:func:`msifusion.steps.section.ion_images_step`);
+        required when there are targets.
     targets, ppm : list of float, float
-        Target m/z (+- ppm) scored per level (:func:`msifusion.fuse.target_scores`); a target whose
-        cross-validated r at some step of the chain up to a level is below ``min_target_r`` is
-        flagged as not predictable at that level (and every finer one) in the products, the
-        report and the log.
+        Target m/z (+- ppm).
+    min_target_r, min_gain : float
+        See :func:`msifusion.sharpen.sharpen_targets`.
     """
     regs = []
     for path in transforms:
@@ -64,84 +73,80 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
         regs.append(Registration.from_json(doc))
     levels = [read_section_maps(p) for p in maps]
     ref = levels[0]
+    targets = [float(t) for t in (targets or [])]
+    measured = _measured(ions, targets, ppm, ref)
     target = np.where(ref["acquired"][None], ref["maps"], np.nan)
+    fuse_kw = dict(method=method, scales_px=tuple(scales_px), alpha_se=alpha_se, seed=seed)
     results = fuse_chain(
         [dict(maps=target, mask=ref["mask"])] + [dict(maps=lv["maps"], mask=lv["mask"]) for lv in
                                                  levels[1:]],
-        [r.matrix for r in regs], method=method, n_components=n_components,
-        scales_px=tuple(scales_px), alpha_se=alpha_se, consistency=consistency,
-        min_coverage=min_coverage, seed=seed)
+        [r.matrix for r in regs], n_components=n_components, consistency=consistency,
+        min_coverage=min_coverage, **fuse_kw)
     summary = {"section": ref["section"], "reference": ref["modality"], "method": method,
-               "min_target_r": float(min_target_r), "levels": []}
+               "min_target_r": float(min_target_r), "min_gain": float(min_gain), "levels": []}
     to_ref = chain_to_reference([r.matrix for r in regs])
-    targets = [float(t) for t in (targets or [])]
-    weights = np.array([ref["spectra"][:, mz_window(ref["mz"], t, ppm)].sum(axis=1)
-                        for t in targets], dtype=np.float64).reshape(len(targets), len(ref["spectra"]))
-    chain_r = np.full(len(targets), np.inf)
-    step_target = target
-    # per target: its image at the last level where it was predictable, and that grid -> reference
-    ref_images = np.tensordot(weights, np.nan_to_num(ref["maps"].astype(np.float64)), axes=1)
-    trusted = [(img, np.eye(2, 3)) for img in ref_images]
-    for lv, res, out, m_ref in zip(levels[1:], results, outs, to_ref):
-        r_t, resid_t = target_scores(weights, step_target, res.residual, res.info["train_mask"])
-        chain_r = np.fmin(chain_r, np.where(np.isfinite(r_t), r_t, -np.inf))
-        ok = chain_r >= min_target_r
-        step_target = res.pred
-        images = _target_images(weights, res.pred, ok, trusted, m_ref)
-        trusted = [(img, m_ref) if o else t for img, o, t in zip(images, ok, trusted)]
+    step_images, step_mask = measured, ref["mask"]
+    allowed = np.ones(len(targets), dtype=bool)
+    for lv, res, out, reg, m_ref in zip(levels[1:], results, outs, regs, to_ref):
+        if targets:
+            sh = sharpen_targets(step_images, step_mask, lv["maps"], reg.matrix, anchor=measured,
+                                 anchor_matrix=m_ref, allowed=allowed,
+                                 min_gain=min_gain, min_target_r=min_target_r,
+                                 min_coverage=min_coverage, level=f"section {ref['section']!r}, "
+                                 f"{lv['modality']}", **fuse_kw)
+            images, gain, cv_r, reduced_r = sh.images, sh.gain, sh.cv_r, sh.reduced_r
+            fid = fidelity(images, measured, m_ref, ref["mask"], min_coverage=min_coverage)
+        else:
+            images = np.zeros((0,) + lv["maps"].shape[1:], np.float32)
+            gain = cv_r = fid = np.zeros(0)
+            reduced_r = np.zeros((0, 0))
+        allowed = gain > 0
+        step_images, step_mask = images, lv["mask"]
         write_fused(out, res.pred, ref["spectra"], ref["mz"], origin_xy=tuple(lv["origin_xy"]),
                     pixel_size_um=float(lv["pixel_size_um"]), reference=ref["modality"],
                     extra={"cv_r": np.asarray(res.cv_r, np.float32), "matrix_to_reference": m_ref,
                            "target_mz": np.asarray(targets, np.float64),
-                           "target_cv_r": np.asarray(chain_r, np.float32),
-                           "target_predictable": ok, "target_cv_residual": resid_t,
+                           "target_cv_r": np.asarray(cv_r, np.float32),
+                           "target_predictable": allowed, "target_gain": np.asarray(gain, np.float32),
+                           "target_reduced_r": np.asarray(reduced_r, np.float32),
+                           "target_fidelity_r": np.asarray(fid, np.float32),
                            "target_image": images, "tissue_mask": lv["mask"],
                            "target_ppm": float(ppm), "min_target_r": float(min_target_r)})
         summary["levels"].append({"modality": lv["modality"],
                                   "cv_r": [float(v) for v in res.cv_r],
-                                  "targets": [{"mz": t, "cv_r": _num(r), "chain_cv_r": _num(c),
-                                               "predictable": bool(o)}
-                                              for t, r, c, o in zip(targets, r_t, chain_r, ok)],
+                                  "targets": [{"mz": t, "cv_r": _num(r), "gain": float(g),
+                                               "reduced_scale_r": [_num(v) for v in rr],
+                                               "fidelity_r": _num(fr), "predictable": bool(o)}
+                                              for t, r, g, rr, fr, o in zip(targets, cv_r, gain,
+                                                                            reduced_r, fid, allowed)],
                                   "to_reference": pose(m_ref, lv["pixel_size_um"],
                                                        ref["pixel_size_um"])})
         log.info("section %r, %s: mean cross-validated r %.3f", ref["section"], lv["modality"],
                  float(np.nanmean(res.cv_r)))
-        for t, c in zip(np.asarray(targets)[~ok], chain_r[~ok]):
+        for t, c in zip(np.asarray(targets)[~allowed], np.asarray(cv_r)[~allowed]):
             log.warning("section %r, %s: m/z %.4f is NOT PREDICTABLE from the finer modalities "
-                        "(cross-validated r %.2f < %.2f): its product image is the coarse one "
-                        "interpolated", ref["section"], lv["modality"], t, c, min_target_r)
+                        "(cross-validated r %.2f, or no gain in the reduced-scale test): its "
+                        "product image is the measured coarse one interpolated", ref["section"],
+                        lv["modality"], t, c)
     with atomic_output(report) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
 
 
-def _target_images(weights: np.ndarray, pred: np.ndarray, predictable: np.ndarray,
-                   trusted: list, to_reference: np.ndarray) -> np.ndarray:
-    """The target ion images a fused product vouches for, shape (T, ny, nx) float32.
-
-    A predictable target's image is reconstructed from the predicted maps ``pred`` (k, ny, nx)
-    with ``weights`` (T, k). A target flagged as not predictable gets its image at the last
-    coarser level where it was predictable (the reference's own image when none was),
-    interpolated (bicubic) onto this grid, so the product never paints fine detail that no finer
-    modality supports.
-
-    Parameters
-    ----------
-    weights : ndarray, shape (T, k)
-    pred : ndarray, shape (k, ny, nx)
-        NaN where not acquired (NaN in the output there).
-    predictable : ndarray of bool, shape (T,)
-    trusted : list of (ndarray (ny_t, nx_t), ndarray (2, 3))
-        Per target: its image at the last level where it was predictable and that level's
-        pixel -> reference pixel matrix.
-    to_reference : ndarray, shape (2, 3)
-        This grid's pixel -> reference pixel.
-    """
-    acquired = np.isfinite(pred).all(0)
-    images = np.tensordot(weights, np.nan_to_num(pred.astype(np.float64)), axes=1)
-    for t in np.flatnonzero(~np.asarray(predictable, dtype=bool)):
-        img, m_src = trusted[t]
-        images[t] = bicubic_to_grid(img, compose(to_reference, invert(m_src)), pred.shape[1:])
-    return np.where(acquired[None], images, np.nan).astype(np.float32)
+def _measured(ions: str | None, targets: list[float], ppm: float, ref: dict) -> np.ndarray:
+    """The measured target ion images (T, ny, nx) of the reference section, NaN off the scan."""
+    shape = ref["acquired"].shape
+    if not targets:
+        return np.zeros((0,) + shape)
+    if ions is None:
+        raise InputError(f"section {ref['section']!r}: {len(targets)} targets but no measured ion "
+                         "images (ions)")
+    d = read_ion_images(ions)
+    if (d["images"].shape != (len(targets),) + shape
+            or not np.allclose(np.atleast_1d(d["targets_mz"]), targets) or not np.isclose(d["ppm"], ppm)):
+        raise InputError(f"{ions}: ion images of m/z {np.atleast_1d(d['targets_mz']).tolist()} +- "
+                         f"{d['ppm']} ppm, {d['images'].shape}, do not match the targets {targets} "
+                         f"+- {ppm} ppm on the section's {shape} grid")
+    return np.where(ref["acquired"][None], d["images"], np.nan)
 
 
 def _num(v: float) -> float | None:
