@@ -171,7 +171,8 @@ def cmd_phantom(a):
     summary = generate_study(a.outdir, preset=a.preset, seed=a.seed, chain=chain,
                              tile_px=a.tile_px, n_sections=a.sections,
                              pixel_size_um=a.pixel_size_um, tof_field_px=a.tof_field_px,
-                             state_tof_pixel_size=a.state_tof_pixel_size, mz_shift=a.mz_shift)
+                             state_tof_pixel_size=a.state_tof_pixel_size, mz_shift=a.mz_shift,
+                             response=a.response)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ToF-SIMS imzML states its pixel size (like the others)")
     s.add_argument("--mz-shift", type=float, default=0.0,
                    help="Da added to every species' m/z (targets other than the demo's)")
+    s.add_argument("--response", choices=["linear", "nonlinear"], default="linear",
+                   help="how the finer modalities respond to abundance: linear mixing, or power "
+                        "laws and ion suppression (breaks the fusion's linear assumption)")
     s.set_defaults(func=cmd_phantom)
 
     s = sub.add_parser("evaluate", help="print an accuracy table written by the workflow")

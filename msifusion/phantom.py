@@ -1025,6 +1025,26 @@ def _check_tof_field(outline: _Outline, tof: _Acquisition, maldi: _Acquisition |
             f"smaller field")
 
 
+#: ``response="nonlinear"``: exponent of each species' abundance in the finer modalities (its
+#: ion yield saturates or grows faster than linearly: no linear mixing of the finer modality's
+#: components then gives the reference's species maps), drawn per species from this range.
+NONLINEAR_EXPONENTS = (0.5, 1.6)
+#: ``response="nonlinear"``: ion suppression in the finer modalities: every species' signal is
+#: divided by ``1 + total abundance / SUPPRESSION_ABUNDANCE`` (a crowded pixel ionises worse).
+SUPPRESSION_ABUNDANCE = 1.0
+RESPONSES = ("linear", "nonlinear")
+
+
+def _response(abund: np.ndarray, response: str, seed: int) -> np.ndarray:
+    """Abundances (n, n_species) as a finer modality sees them: unchanged (``"linear"``), or
+    raised to a per-species exponent and suppressed by the pixel's total (``"nonlinear"``)."""
+    if response == "linear":
+        return abund
+    expo = _rng(seed, 7).uniform(*NONLINEAR_EXPONENTS, size=abund.shape[1])
+    out = np.power(np.clip(abund, 0.0, None), expo)
+    return out / (1.0 + abund.sum(axis=1, keepdims=True) / SUPPRESSION_ABUNDANCE)
+
+
 def _reference_spectra(rng, foot: np.ndarray, xy: np.ndarray, px: float, *,
                        length_scale: float = 1.0, mz_shift: float = 0.0):
     """Centroided reference spectra (CSR) of pixels with structure footprints ``foot`` (n, S);
@@ -1042,14 +1062,15 @@ def _reference_spectra(rng, foot: np.ndarray, xy: np.ndarray, px: float, *,
 
 
 def _maldi_spectra(rng, foot: np.ndarray, xy: np.ndarray, px: float, *,
-                   length_scale: float = 1.0, mz_shift: float = 0.0):
+                   length_scale: float = 1.0, mz_shift: float = 0.0, response: str = "linear",
+                   seed: int = 0):
     """Centroided MALDI-like spectra (CSR) and the calibration error (ppm) of the acquisition;
     TIC-field wavelengths scale with ``length_scale``, species m/z shift by ``mz_shift`` Da (the
     DHB matrix peaks do not; the noise range reaches 1000 Da + a positive shift)."""
     mz_pk, sp_pk, rel_pk = _peak_table(list(SPECIES), 1, mz_shift)
     mat = [(m, 250.0 * r0 * r) for m0, r0, nc in DHB_PEAKS for m, r in _isotopes(m0, nc)]
     mat_mz, mat_rel = (np.array(v) for v in zip(*mat))
-    abund = foot @ _weights(list(SPECIES)).T
+    abund = _response(foot @ _weights(list(SPECIES)).T, response, seed)
     tic = (_smooth_field(rng, xy * px, 0.25, 1200.0 * length_scale)
            * np.exp(rng.normal(0, 0.2, size=len(xy))))
     # matrix everywhere on the slide, suppressed on tissue, crystal-to-crystal variation
@@ -1064,12 +1085,13 @@ def _maldi_spectra(rng, foot: np.ndarray, xy: np.ndarray, px: float, *,
     return csr, cal
 
 
-def _tofsims_counts(rng, foot: np.ndarray, xy: np.ndarray, tile_px: int) -> np.ndarray:
+def _tofsims_counts(rng, foot: np.ndarray, xy: np.ndarray, tile_px: int, *,
+                    response: str = "linear", seed: int = 0) -> np.ndarray:
     """Unit-mass ToF-SIMS counts (n, 200) float32 with the tile-gain grid anchored at (0, 0)."""
     species = list(SPECIES)
     frag = _tof_fragments(species) * np.array([sp.scale[2] for sp in species])[:, None]
     gain = tile_gain_pattern(tile_px)[xy[:, 1] % tile_px, xy[:, 0] % tile_px]
-    expected = (foot @ _weights(species).T @ frag + 0.02) * gain[:, None]
+    expected = (_response(foot @ _weights(species).T, response, seed) @ frag + 0.02) * gain[:, None]
     return rng.poisson(expected).astype(np.float32)
 
 
@@ -1119,7 +1141,8 @@ def _write_truth(path: Path, section: str, chain: tuple, acqs: list[_Acquisition
 def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
                    chain=("fticr", "maldi", "tofsims"), tile_px: int = 40,
                    n_sections: int = 2, pixel_size_um=None, tof_field_px: int | None = None,
-                   state_tof_pixel_size: bool = False, mz_shift: float = 0.0) -> dict:
+                   state_tof_pixel_size: bool = False, mz_shift: float = 0.0,
+                   response: str = "linear") -> dict:
     """Write a phantom multi-section multimodal MSI study with ground truth.
 
     Parameters
@@ -1157,6 +1180,12 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         and to the targets; the DHB matrix peaks and the ToF-SIMS unit-mass channels stay. Within
         [-300, 1000] Da, so the lipids stay above the matrix peaks and every target keeps at least
         300 ppm from any other modelled peak.
+    response : {"linear", "nonlinear"}
+        How the finer modalities respond to the species' abundances: linearly (the reference's
+        species maps are then linear mixtures of their components, the assumption of the
+        fusion's regression), or ``"nonlinear"``: per species a power law
+        (:data:`NONLINEAR_EXPONENTS`) and ion suppression by the pixel's total abundance
+        (:data:`SUPPRESSION_ABUNDANCE`); the reference and the truth stay linear.
 
     Returns
     -------
@@ -1179,6 +1208,8 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
     """
     t_start = time.perf_counter()
     outdir, p, chain = _check_args(outdir, preset, seed, chain, tile_px, n_sections)
+    if response not in RESPONSES:
+        raise InputError(f"phantom: response must be one of {RESPONSES}, got {response!r}")
     tile_px, n_sections, seed = int(tile_px), int(n_sections), int(seed)
     p, tof_field_px, state_tof_pixel_size, mz_shift = _check_options(
         p, pixel_size_um, tof_field_px, state_tof_pixel_size, mz_shift)
@@ -1190,7 +1221,7 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
     # a study that differs from the preset's gets its own file UUIDs
     options = {"px": ",".join(f"{v:g}" for v in p.pixel_um) if p != PRESETS[preset] else None,
                "tof": tof_field_px, "state": state_tof_pixel_size or None,
-               "shift": mz_shift or None}
+               "shift": mz_shift or None, "response": None if response == "linear" else response}
     if any(v is not None for v in options.values()):
         key += ":" + ":".join(f"{k}={v}" for k, v in options.items() if v is not None)
 
@@ -1237,13 +1268,14 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         a.path = imz_dir / f"{chain[k]}_{sections[si]}.imzML"
         if k == 1:
             csr, cal = _maldi_spectra(rng, a.foot, xy, p.pixel_um[1],
-                                      length_scale=p.length_scale, mz_shift=mz_shift)
+                                      length_scale=p.length_scale, mz_shift=mz_shift,
+                                      response=response, seed=seed)
             write_imzml(a.path, xy, *csr, mode="processed", pixel_size_um=p.pixel_um[1],
                         spectrum_type="centroid", uuid_key=f"{key}:{a.path.name}")
             log.info("phantom: wrote %s (%d pixels, %d peaks, calibration %+.1f ppm)", a.path,
                      len(xy), csr[0][-1], cal)
         else:
-            counts = _tofsims_counts(rng, a.foot, xy, tile_px)
+            counts = _tofsims_counts(rng, a.foot, xy, tile_px, response=response, seed=seed)
             write_imzml(a.path, xy, np.arange(len(xy) + 1) * len(TOF_MZ), None, counts.ravel(),
                         mode="continuous", mz_axis=TOF_MZ,
                         pixel_size_um=p.pixel_um[2] if state_tof_pixel_size else None,
@@ -1300,7 +1332,7 @@ def generate_study(outdir, *, preset: str = "demo", seed: int = 0,
         "rotation_deg": rotations,
         "tile_px": tile_px,
         "tof_field_px": acq[0, 2].shape[0] if len(chain) > 2 else None,
-        "mz_shift": mz_shift,
+        "mz_shift": mz_shift, "response": response,
         "states_pixel_size": states,
         "canvas_um": float(p.canvas_um),
         "length_scale": float(p.length_scale),

@@ -628,8 +628,32 @@ def test_target_separation_across_shifts():
     (dict(mz_shift=-400.0), "mz_shift"),
     (dict(mz_shift=5000), "mz_shift"),
     (dict(mz_shift="13"), "mz_shift"),
+    (dict(response="quadratic"), "response"),
 ])
 def test_bad_study_options(tmp_path, kwargs, name):
     with pytest.raises(InputError, match=name):
         phantom.generate_study(tmp_path, **({"preset": "small"} | kwargs))
     assert not list(tmp_path.iterdir())
+
+
+def test_nonlinear_response_changes_only_the_finer_modalities(study, tmp_path):
+    """response="nonlinear": the finer modalities' files differ (power laws, ion suppression),
+    the reference's file and the truth stay those of the linear study; the MALDI-like signal of
+    a species is no longer proportional to its reference signal."""
+    nl = phantom.generate_study(tmp_path, preset="small", seed=0, tile_px=TILE, response="nonlinear")
+    lin, new = _digests(study["outdir"]), _digests(tmp_path)
+    assert nl["response"] == "nonlinear" and study["response"] == "linear"
+    assert set(lin) == set(new) and lin["sections.tsv"] == new["sections.tsv"]
+    assert all(lin[k] == new[k] for k in lin if k.startswith("truth/"))
+
+    def ibd(folder, name):        # the binary data after the file's own UUID
+        return (Path(folder) / "imzml" / name).read_bytes()[16:]
+
+    assert ibd(study["outdir"], "fticr_sections.ibd") == ibd(tmp_path, "fticr_sections.ibd")
+    finer = [k.split("/")[1] for k in lin if k.endswith(".ibd") and "fticr" not in k]
+    assert finer and all(ibd(study["outdir"], k) != ibd(tmp_path, k) for k in finer)
+    abund = np.linspace(0.01, 3.0, 50)[:, None] * np.ones((1, len(phantom.SPECIES)))
+    seen = phantom._response(abund, "nonlinear", seed=0)
+    ratio = seen / abund
+    assert (ratio.max(axis=0) / ratio.min(axis=0) > 1.5).all()
+    np.testing.assert_array_equal(phantom._response(abund, "linear", seed=0), abund)
