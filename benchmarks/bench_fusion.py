@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from msifusion.affine import block_matrix  # noqa: E402
 from msifusion.evaluate import (bicubic_to_grid, evaluate_section, pearson,  # noqa: E402
                                 raw_ion_image, section_roi)
 from msifusion.store import ConvertedReader  # noqa: E402
@@ -280,7 +281,7 @@ def real_cube(n_channels: int) -> bool:
     ok = True
     for factor in (4, 8):
         target = cube[a].reshape(len(a), ny // factor, factor, nx // factor, factor).mean(axis=(2, 4))
-        m = np.array([[1 / factor, 0, (1 / factor - 1) / 2], [0, 1 / factor, (1 / factor - 1) / 2]])
+        m = block_matrix(factor)
         bic = np.array([bicubic_to_grid(c, m, (ny, nx)) for c in target])
         psnr_b = [_psnr(bic[i], cube[a[i]]) for i in range(len(a))]
         print(f"{f'x{factor} bicubic':<50s}{_r(bic.sum(0), cube[a].sum(0)):9.3f}"
@@ -345,7 +346,7 @@ def split_workflow(crops, factors, n_channels: int = 40, seed: int = 0) -> bool:
                 truth = cube[:, :crop, :crop][groups[0]]
                 order = [int(np.argmin(np.abs(mz[groups[0]] - t))) for t in extra["target_mz"]]
                 truth = truth[order]
-                m_true = brs.true_matrix(factor)
+                m_true = block_matrix(factor)
                 shipped = np.asarray(extra["target_image"], dtype=np.float64)
                 bic = np.array([bicubic_to_grid(c, m_true, truth.shape[1:]) for c in measured])
                 r_f = np.array([_r(p, t) for p, t in zip(shipped, truth)])
@@ -423,7 +424,7 @@ def msight_workflow(factors) -> bool:
         m25 = bri.to_25um(np.asarray(extra["matrix_to_reference"]), k)
         fused25, cov = footprint_average(np.asarray(extra["target_image"], np.float64), m25,
                                          truth.shape[1:])
-        up = np.array([[1 / k, 0, (1 / k - 1) / 2], [0, 1 / k, (1 / k - 1) / 2]])
+        up = block_matrix(k)
         # the coarse grid's origin: the coarsened file's pixel (0, 0) is the block of 25 um pixel 0
         bic = np.array([bicubic_to_grid(c, up, truth.shape[1:]) for c in measured])
         yy, xx = np.mgrid[0:truth.shape[1], 0:truth.shape[2]]

@@ -12,7 +12,7 @@ the tissue fraction of each automatic mask, the verdict, rotation, scale, max an
 every fine pixel against the truth (coarse px), the criteria and the run time.
 
 The true matrix (hi px -> lo px) of a block mean by f, pixel centres at integers, is
-``[[1/f, 0, (1/f - 1)/2], [0, 1/f, (1/f - 1)/2]]``.
+``[[1/f, 0, (1/f - 1)/2], [0, 1/f, (1/f - 1)/2]]`` (:func:`msifusion.affine.block_matrix`).
 
 Usage::
 
@@ -46,7 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msifusion.affine import transform_points  # noqa: E402
+from msifusion.affine import block_matrix, transform_points  # noqa: E402
 from msifusion.phantom import write_imzml  # noqa: E402
 
 CUBE = ROOT.parent / "shared" / "data" / "real" / "tofsims_poplar" / "tofsims_trift_poplar_256x256.h5"
@@ -87,12 +87,6 @@ def block_mean(stack: np.ndarray, f: int) -> np.ndarray:
     """Area average by ``f`` x ``f`` blocks: (k, ny, nx) -> (k, ny // f, nx // f)."""
     k, ny, nx = stack.shape
     return stack.reshape(k, ny // f, f, nx // f, f).mean(axis=(2, 4))
-
-
-def true_matrix(f: int) -> np.ndarray:
-    """Fine px -> coarse px (2, 3) of a block mean by ``f`` (pixel centres at integers)."""
-    o = (1.0 / f - 1.0) / 2.0
-    return np.array([[1.0 / f, 0.0, o], [0.0, 1.0 / f, o]])
 
 
 def write_continuous(path: Path, stack: np.ndarray, mz: np.ndarray, px_um: float) -> None:
@@ -171,7 +165,7 @@ def case_row(folder: Path, factor: int) -> dict:
     if not tj.exists():
         return row
     doc = json.loads(tj.read_text())
-    mx, med = fine_errors(np.asarray(doc["matrix_px"]), true_matrix(factor), tuple(doc["fine_shape"]))
+    mx, med = fine_errors(np.asarray(doc["matrix_px"]), block_matrix(factor), tuple(doc["fine_shape"]))
     return row | {"passed": doc["passed"], "rotation": doc["rotation_deg"], "scale": doc["scale"],
                   "max_err": mx, "median_err": med, "score": doc["score"], "margin": doc["margin"],
                   "boundary": doc["boundary"], "ncc": doc["ncc"],
@@ -219,7 +213,7 @@ def direct_row(folder: Path, factor: int) -> dict:
     """:func:`case_row` for the files :func:`direct` wrote."""
     d = folder / "direct"
     doc = json.loads((d / "transform_lo_hi.json").read_text())
-    mx, med = fine_errors(np.asarray(doc["matrix_px"]), true_matrix(factor), tuple(doc["fine_shape"]))
+    mx, med = fine_errors(np.asarray(doc["matrix_px"]), block_matrix(factor), tuple(doc["fine_shape"]))
     return {"mask_lo": mask_fraction(d / "maps_lo.h5"), "mask_hi": mask_fraction(d / "maps_hi.h5"),
             "passed": doc["passed"], "rotation": doc["rotation_deg"], "scale": doc["scale"],
             "max_err": mx, "median_err": med, "score": doc["score"], "margin": doc["margin"],

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-__all__ = ["compose", "invert", "transform_points", "chain_to_reference", "pose"]
+__all__ = ["compose", "invert", "transform_points", "chain_to_reference", "pose", "block_matrix"]
 
 
 def _as_3x3(m: np.ndarray) -> np.ndarray:
@@ -98,6 +98,20 @@ def transform_points(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
     m = np.asarray(m, dtype=np.float64)
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     return xy @ m[:, :2].T + m[:, 2]
+
+
+def block_matrix(f: float) -> np.ndarray:
+    """Pixel ``(x, y, 1)`` of a grid -> pixel of the grid of its ``f x f`` block means.
+
+    Pixel centres lie at integers, so block ``i`` (pixels ``f i`` .. ``f i + f - 1``) is centred
+    at pixel ``f i + (f - 1) / 2``: ``x -> x / f + (1 / f - 1) / 2``.
+
+    Returns
+    -------
+    ndarray, shape (2, 3)
+    """
+    o = (1.0 / f - 1.0) / 2.0
+    return np.array([[1.0 / f, 0.0, o], [0.0, 1.0 / f, o]])
 
 
 def _wrap_deg(a: float) -> float:

@@ -430,6 +430,36 @@ def _bilinear_backprojection(fine_idx, fine_shape, matrix, coarse_shape, rows) -
     return (sp.diags(inv) @ b).tocsr()
 
 
+def _consistency_operators(op: sp.csr_matrix, cov: np.ndarray, rows: np.ndarray, fine_idx: np.ndarray,
+                           fine_shape, matrix: np.ndarray, coarse_shape,
+                           backprojection: str = "bilinear") -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """The averaging ``a`` and back-projection ``b`` of :func:`_enforce_consistency`.
+
+    Parameters
+    ----------
+    op : csr_matrix, shape (n_coarse, len(fine_idx))
+        Footprint operator (:func:`_footprint_operator` restricted to the valid fine pixels).
+    cov : ndarray, shape (n_coarse,)
+        Its row sums (unclipped coverage).
+    rows : ndarray of int
+        The constrained coarse pixels (flat indices).
+    fine_idx : ndarray of int
+        Flat indices of the valid fine pixels.
+    backprojection : {"bilinear", "box"}
+        See :func:`fuse_pair`.
+
+    Returns
+    -------
+    a : csr_matrix, shape (len(rows), len(fine_idx))
+        Footprint average onto the constrained pixels (rows sum to 1).
+    b : csr_matrix, shape (len(fine_idx), len(rows))
+    """
+    a = (sp.diags(1.0 / cov[rows]) @ op[rows]).tocsr()
+    b = (_box_backprojection(op[rows]) if backprojection == "box" else
+         _bilinear_backprojection(fine_idx, fine_shape, matrix, coarse_shape, rows))
+    return a, b
+
+
 def _enforce_consistency(pred_flat, a, b, target_rows, *, max_iter=200, rtol=1e-4):
     """Iterative back-projection so that the footprint averages of ``pred_flat`` match the target.
 
@@ -720,9 +750,8 @@ def fuse_pair(coarse_target: np.ndarray, coarse_mask: np.ndarray | None, fine_ma
     log.info("%s: cross-validated r per component %s", level, np.round(cv_r, 3).tolist())
 
     if consistency:
-        a = (sp.diags(1.0 / pairs.cov[rows]) @ pairs.op[rows]).tocsr()
-        b = (_box_backprojection(pairs.op[rows]) if backprojection == "box" else
-             _bilinear_backprojection(pairs.fine_idx, fine.shape[1:], m, coarse_shape, rows))
+        a, b = _consistency_operators(pairs.op, pairs.cov, rows, pairs.fine_idx, fine.shape[1:], m,
+                                      coarse_shape, backprojection)
         plain = pred_flat
         pred_flat, n_it, max_abs = _enforce_consistency(pred_flat, a, b, pairs.y)
         if consistency == "auto":

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
+from .affine import block_matrix
 from .errors import InputError
 from .evaluate import bicubic_to_grid, pearson
-from .fuse import (_bilinear_backprojection, _check_matrix, _enforce_consistency, _footprint_operator,
+from .fuse import (_check_matrix, _consistency_operators, _enforce_consistency, _footprint_operator,
                    _rows_needed, footprint_average, fuse_pair)
 from .schema import default
 
@@ -110,8 +110,7 @@ def make_consistent(images: np.ndarray, coarse: np.ndarray, matrix: np.ndarray, 
     info = {"iterations": 0, "max_abs": 0.0, "n_constrained": int(len(rows))}
     if not len(rows) or not len(fine_idx):
         return out, info
-    a = (sp.diags(1.0 / cov[rows]) @ op[rows]).tocsr()
-    b = _bilinear_backprojection(fine_idx, img.shape[1:], m, c.shape[1:], rows)
+    a, b = _consistency_operators(op, cov, rows, fine_idx, img.shape[1:], m, c.shape[1:])
     flat = img.reshape(len(img), -1)[:, fine_idx].T
     target = c.reshape(len(c), -1)[:, rows].T
     fixed, n_it, max_abs = _enforce_consistency(flat, a, b, target, max_iter=500)
@@ -183,16 +182,10 @@ def principal_maps(maps: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _block_matrix(d: int) -> np.ndarray:
-    """Pixel ``(x, y, 1)`` -> pixel of the grid of ``d x d`` blocks (pixel centres at integers)."""
-    o = (1.0 / d - 1.0) / 2.0
-    return np.array([[1.0 / d, 0.0, o], [0.0, 1.0 / d, o]])
-
-
 def _degrade(coarse: np.ndarray, mask: np.ndarray, d: int, min_coverage: float):
     """The coarse images and mask averaged over ``d x d`` blocks (a block known on at least
     ``min_coverage`` of its area), and the coarse -> block matrix."""
-    m = _block_matrix(d)
+    m = block_matrix(d)
     shape = (-(-coarse.shape[1] // d), -(-coarse.shape[2] // d))
     known = np.isfinite(coarse).all(0)
     mean, cov = footprint_average(np.where(known[None], coarse, np.nan), m, shape, supersample=1)
@@ -217,8 +210,8 @@ class Sharpened:
         Reduced-scale r of each gain against the coarse image (NaN when the test could not run).
     fidelity_r : ndarray, shape (T,)
         r of the shipped images averaged back over the anchor's pixels with the anchor images
-        (the coarse ones unless an anchor is given; over the coarse tissue then, else over every
-        covered anchor pixel).
+        (the coarse ones unless an anchor is given), over ``anchor_mask`` (the coarse tissue
+        without an anchor).
     info : dict
         ``gains``, ``reduced_factor`` (0: no test), ``reason`` (why not), ``consistency``.
     """
@@ -356,7 +349,8 @@ def choose_gains(reduced_r: np.ndarray, gains: Sequence[float], min_gain: float)
 
 def sharpen_targets(coarse: np.ndarray, coarse_mask: np.ndarray, fine_maps: np.ndarray,
                     matrix: np.ndarray, *, anchor: np.ndarray | None = None,
-                    anchor_matrix: np.ndarray | None = None, allowed: np.ndarray | None = None,
+                    anchor_matrix: np.ndarray | None = None, anchor_mask: np.ndarray | None = None,
+                    allowed: np.ndarray | None = None,
                     gains: Sequence[float] = GAINS, min_gain: float = default("fusion.min_gain"),
                     min_target_r: float = default("fusion.min_target_r"),
                     min_coverage: float = default("fusion.min_coverage"),
@@ -383,6 +377,9 @@ def sharpen_targets(coarse: np.ndarray, coarse_mask: np.ndarray, fine_maps: np.n
         learns) is the previous level's image, a prediction and no measurement.
     anchor_matrix : ndarray, shape (2, 3), optional
         Fine pixel -> anchor pixel (default ``matrix``).
+    anchor_mask : ndarray of bool, shape (nya, nxa), optional
+        Anchor pixels the fidelity is scored on (e.g. the reference's tissue; default
+        ``coarse_mask`` without an anchor, every covered anchor pixel with one).
     allowed : ndarray of bool, shape (T,), optional
         Targets that may get detail (default all).
     gains, min_gain, min_target_r, min_coverage
@@ -422,7 +419,8 @@ def sharpen_targets(coarse: np.ndarray, coarse_mask: np.ndarray, fine_maps: np.n
     gain = np.where(ok, gain, 0.0)
     images, cinfo = make_consistent(base + gain[:, None, None] * (pred - base), a_img, a_mat,
                                     min_coverage=min_coverage)
-    fid = fidelity(images, a_img, a_mat, mask if anchor is None else None, min_coverage=min_coverage)
+    fid = fidelity(images, a_img, a_mat, mask if anchor is None else anchor_mask,
+                   min_coverage=min_coverage)
     if reason:
         log.warning("%s: no reduced-scale test (%s): every target ships the interpolated coarse "
                     "image", level, reason)

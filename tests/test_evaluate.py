@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from msifusion.affine import block_matrix
 from msifusion.evaluate import bicubic_to_grid, format_table, pearson, raw_ion_image, read_table
 from msifusion.store import ConvertedReader, write_converted
 
@@ -48,7 +49,7 @@ def test_bicubic_does_not_ring_at_unknown_pixels():
     yy, xx = np.mgrid[0:12, 0:12]
     disc = (xx - 5.5) ** 2 + (yy - 5.5) ** 2 <= 20
     f = 4
-    m = np.array([[1 / f, 0, (1 / f - 1) / 2], [0, 1 / f, (1 / f - 1) / 2]])
+    m = block_matrix(f)
     up = bicubic_to_grid(np.where(disc, 3.0, np.nan), m, (48, 48))
     expect_known = np.kron(disc, np.ones((f, f), bool))
     np.testing.assert_array_equal(np.isfinite(up), expect_known)

@@ -23,6 +23,7 @@ import torch
 from scipy import ndimage as ndi
 
 from msifusion import register as reg_mod
+from msifusion.affine import block_matrix
 from msifusion.register import Registration, compose, invert, register_pair, transform_points
 from msifusion.tissue import tissue_mask, tissue_mask_from_maps
 
@@ -170,12 +171,6 @@ def make_pair(ratio, rotation_deg, shift_um=(0.0, 0.0), *, coarse_px=80.0, coars
 
 def _rot2(th):
     return np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
-
-
-def block_matrix(f: int) -> np.ndarray:
-    """Fine px -> coarse px (2, 3) of a block mean by ``f`` (pixel centres at integers)."""
-    o = (1.0 / f - 1.0) / 2.0
-    return np.array([[1.0 / f, 0.0, o], [0.0, 1.0 / f, o]])
 
 
 def textured_field(ratio: int, n_coarse: int, seed: int = 0, *, k: int = 4, counts: float = 30.0):

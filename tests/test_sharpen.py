@@ -7,7 +7,8 @@ from scipy import ndimage as ndi
 from msifusion.errors import InputError
 from msifusion.evaluate import bicubic_to_grid, pearson
 from msifusion.fuse import footprint_average
-from msifusion.sharpen import (_block_matrix, choose_gains, fidelity, make_consistent, pixel_ratio,
+from msifusion.affine import block_matrix
+from msifusion.sharpen import (choose_gains, fidelity, make_consistent, pixel_ratio,
                                reduced_scale_scores, sharpen_targets)
 from msifusion.spectra import measured_ion_images
 from msifusion.store import ConvertedReader, write_converted
@@ -30,7 +31,7 @@ def study(n=96, f=4, seed=0, noise=0.02):
     nonlinear (sqrt(m0) * m2); coarse = block mean by ``f`` plus Gaussian noise."""
     maps, other = textures(n, seed)
     truth = np.array([2 * maps[0] + maps[1], other, np.sqrt(maps[0]) * maps[2]])
-    m = _block_matrix(f)
+    m = block_matrix(f)
     coarse, _ = footprint_average(truth, m, (n // f, n // f))
     rng = np.random.default_rng(seed + 100)
     coarse += noise * coarse.std(axis=(1, 2), keepdims=True) * rng.standard_normal(coarse.shape)
@@ -38,7 +39,7 @@ def study(n=96, f=4, seed=0, noise=0.02):
 
 
 def test_block_matrix_and_pixel_ratio():
-    m = _block_matrix(4)
+    m = block_matrix(4)
     # fine pixel 0..3 -> coarse pixel 0 (centre 1.5 -> 0), pixel 4..7 -> 1
     np.testing.assert_allclose(m @ np.array([1.5, 5.5, 1.0]), [0.0, 1.0])
     assert pixel_ratio(m) == pytest.approx(4.0)
@@ -51,7 +52,7 @@ def test_make_consistent_reproduces_the_coarse_image():
     correction reproduces the coarse image on every covered pixel; NaN pixels stay NaN; an image
     already consistent does not change."""
     rng = np.random.default_rng(1)
-    m = _block_matrix(4)
+    m = block_matrix(4)
     coarse = rng.random((2, 8, 10)) + 1.0
     coarse[1, 0, 0] = np.nan                        # unknown coarse pixel: not constrained
     fine = np.stack([rng.random((32, 40)), np.full((32, 40), 5.0)])
@@ -146,7 +147,7 @@ def test_chain_step_reproduces_the_anchor():
     reproduce the measured anchor (a 1/8 image of the same truth, through its own matrix): the
     shipped images average back to the anchor exactly, not to the step's coarse image."""
     maps, truth, coarse, m4 = study(noise=0.0)
-    m8 = _block_matrix(8)
+    m8 = block_matrix(8)
     anchor, _ = footprint_average(truth, m8, (12, 12))
     anchor *= 1.0 + 0.05 * np.random.default_rng(3).standard_normal(anchor.shape)   # "noise"
     sh = sharpen_targets(coarse, np.ones(coarse.shape[1:], bool), maps, m4, anchor=anchor,

@@ -13,7 +13,7 @@ from ..fuse import fuse_chain
 from ..products import write_fused
 from ..register import Registration, chain_to_reference, pose
 from ..schema import default
-from ..sharpen import fidelity, sharpen_targets
+from ..sharpen import sharpen_targets
 from ..store import atomic_output
 from .register import registration_summary
 from .ions import read_ion_images
@@ -53,7 +53,7 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
     report : str
         JSON file with the cross-validated scores per level and component, and per target.
     ions : str, optional
-        The section's measured target ion images (:func:`msifusion.steps.section.ion_images_step`);
+        The section's measured target ion images (:func:`msifusion.steps.ions.ion_images_step`);
         required when there are targets.
     targets, ppm : list of float, float
         Target m/z (+- ppm).
@@ -90,12 +90,11 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
     for lv, res, out, reg, m_ref in zip(levels[1:], results, outs, regs, to_ref):
         if targets:
             sh = sharpen_targets(step_images, step_mask, lv["maps"], reg.matrix, anchor=measured,
-                                 anchor_matrix=m_ref, allowed=allowed,
+                                 anchor_matrix=m_ref, anchor_mask=ref["mask"], allowed=allowed,
                                  min_gain=min_gain, min_target_r=min_target_r,
                                  min_coverage=min_coverage, level=f"section {ref['section']!r}, "
                                  f"{lv['modality']}", **fuse_kw)
-            images, gain, cv_r, reduced_r = sh.images, sh.gain, sh.cv_r, sh.reduced_r
-            fid = fidelity(images, measured, m_ref, ref["mask"], min_coverage=min_coverage)
+            images, gain, cv_r, reduced_r, fid = sh.images, sh.gain, sh.cv_r, sh.reduced_r, sh.fidelity_r
         else:
             images = np.zeros((0,) + lv["maps"].shape[1:], np.float32)
             gain = cv_r = fid = np.zeros(0)
