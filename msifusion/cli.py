@@ -113,11 +113,15 @@ def cmd_ions(a):
 def cmd_ion_image(a):
     import numpy as np
 
-    from .products import (not_predictable_note, product_ion_image, read_fused, save_image_png,
-                           save_tiff)
+    from .figures import save_image_png
+    from .products import (measured_section_image, not_predictable_note, product_ion_image,
+                           read_fused, save_tiff)
+    from .store import ConvertedReader
 
     d = read_fused(a.product)
-    img, flag = product_ion_image(d, a.mz, a.ppm)
+    measured = (measured_section_image(ConvertedReader(a.measured), d, a.mz, a.ppm)
+                if a.measured else None)
+    img, flag = product_ion_image(d, a.mz, a.ppm, measured=measured)
     px = float(d.get("pixel_size_um", np.nan))
     title = f"m/z {a.mz:.4f} +- {a.ppm:g} ppm"
     if flag is not None:
@@ -355,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("product", help="fused_*.h5 (or section maps_*.h5)")
     s.add_argument("--mz", type=float, required=True)
     s.add_argument("--ppm", type=float, default=default("targets.ppm"))
+    s.add_argument("--measured", metavar="CONVERTED",
+                   help="the reference's converted file (results/converted/REF.h5): add the measured "
+                        "minus reconstructed residual to an m/z that is not a target, so the image is "
+                        "not limited by the NMF rank and averages back to the measured one")
     s.add_argument("--png")
     s.add_argument("--tiff")
     s.set_defaults(func=cmd_ion_image)

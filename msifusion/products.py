@@ -95,14 +95,18 @@ def not_predictable_note(flag_r: float) -> str:
     return f"NOT PREDICTABLE (cross-validated r {flag_r:.2f}): coarse image interpolated"
 
 
-def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.ndarray, float | None]:
+def product_ion_image(fused: Mapping, target_mz: float, ppm: float,
+                      measured: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
     """Ion image of a fused product, as the product vouches for it.
 
     A configured target's image is the product's ``extra/target_image``: built from the measured
     ion image, with fine detail where the reduced-scale test supports it and averaging back to
     the measured image (:func:`msifusion.sharpen.sharpen_targets`); for a target flagged as not
     predictable (:func:`target_flag`) it is the measured image interpolated. Every other m/z is
-    reconstructed from the maps (:func:`ion_image`).
+    reconstructed from the maps (:func:`ion_image`); given the reference's ``measured`` image of
+    that m/z over the section (:func:`measured_section_image`), the measured-minus-reconstructed
+    residual is added back (:func:`msifusion.sharpen.make_consistent`), so that the image is not
+    limited by the NMF rank and averages back to the measured one.
 
     Parameters
     ----------
@@ -110,6 +114,9 @@ def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.
         :func:`read_fused` output.
     target_mz, ppm : float
         Window ``target_mz +- ppm``.
+    measured : ndarray, shape (ny0, nx0), optional
+        The reference's measured image of the window on the reference section's grid (the grid
+        ``extra/matrix_to_reference`` maps to); NaN where not acquired.
 
     Returns
     -------
@@ -127,7 +134,45 @@ def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.
         log.warning("m/z %.4f is a target of the product at +- %g ppm, not +- %g ppm: its image is "
                     "reconstructed from the maps", target_mz, float(extra.get("target_ppm", np.nan)),
                     ppm)
-    return ion_image(fused["spectra"], fused["mz"], fused["maps"], target_mz, ppm), flag
+    img = ion_image(fused["spectra"], fused["mz"], fused["maps"], target_mz, ppm)
+    if measured is not None:
+        from .sharpen import make_consistent
+
+        img = make_consistent(img[None], np.asarray(measured, dtype=np.float64)[None],
+                              np.asarray(extra.get("matrix_to_reference", np.eye(2, 3))))[0][0]
+    return img, flag
+
+
+def measured_section_image(reader, fused: Mapping, target_mz: float, ppm: float) -> np.ndarray:
+    """The reference's measured ion image of ``target_mz +- ppm`` over a product's section.
+
+    Parameters
+    ----------
+    reader : msifusion.store.ConvertedReader
+        The reference modality's converted file holding the section.
+    fused : mapping
+        :func:`read_fused` output (``extra/reference_origin_xy`` and ``reference_shape``: the
+        section's ROI in that acquisition).
+
+    Returns
+    -------
+    ndarray, shape (ny0, nx0), float64
+        Raw intensities in the window summed per pixel; NaN where not acquired.
+    """
+    from .spectra import measured_ion_images
+
+    extra = fused.get("extra", {})
+    if "reference_origin_xy" not in extra or "reference_shape" not in extra:
+        raise InputError("the fused product does not record its section's ROI in the reference "
+                         "(written by an older msifusion): rerun the fuse rule")
+    x0, y0 = (int(v) for v in extra["reference_origin_xy"])
+    ny, nx = (int(v) for v in extra["reference_shape"])
+    img = measured_ion_images(reader, [target_mz], ppm)[0][y0:y0 + ny, x0:x0 + nx]
+    if img.shape != (ny, nx):
+        raise InputError(f"{reader.path}: the product's section ({nx} x {ny} px at {x0}, {y0}) does "
+                         f"not fit in this acquisition ({img.shape[1]} x {img.shape[0]} from there): "
+                         f"is it the reference {fused.get('reference')!r}?")
+    return img
 
 
 def roi_mean_spectrum(spectra: np.ndarray, maps: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -107,6 +107,29 @@ def test_product_ion_image_ships_the_target_images(tmp_path, caplog):
     assert "200.0000 is a target of the product at +- 5 ppm, not +- 50 ppm" in caplog.text
 
 
+def test_product_ion_image_adds_back_the_measured_residual(tmp_path):
+    """An m/z that is no target, given its measured image on the reference grid, is the maps'
+    reconstruction plus the measured-minus-reconstructed residual: it averages over every
+    reference pixel to the measured value (here 2 x 2 fine pixels each), and keeps the maps'
+    detail where the reconstruction already agrees."""
+    from msifusion.affine import block_matrix
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 8, 8)).astype(np.float32)
+    write_fused(tmp_path / "f.h5", maps, SPECTRA, MZ, origin_xy=(0, 0), pixel_size_um=10.0,
+                reference="FT-ICR", extra={"matrix_to_reference": block_matrix(2)})
+    d = read_fused(tmp_path / "f.h5")
+    recon = ion_image(SPECTRA, MZ, maps, 300.0, 5.0)
+    coarse = recon.reshape(4, 2, 4, 2).mean((1, 3))
+    measured = coarse + rng.random((4, 4))       # what rank 2 does not explain
+    img, flag = product_ion_image(d, 300.0, 5.0, measured=measured)
+    assert flag is None
+    np.testing.assert_allclose(img.reshape(4, 2, 4, 2).mean((1, 3)), measured, rtol=1e-3)
+    # a measured image that the maps reproduce changes nothing
+    img, _ = product_ion_image(d, 300.0, 5.0, measured=coarse)
+    np.testing.assert_allclose(img, recon, rtol=1e-6, atol=1e-9)
+
+
 def test_fused_write_is_atomic_and_checks_shapes(tmp_path):
     path = tmp_path / "fused.h5"
     with pytest.raises(InputError, match="do not match"):

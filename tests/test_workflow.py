@@ -383,6 +383,56 @@ def test_reference_only_species_flagged_not_predictable(three_modality_run):
     assert f"m/z {only:.4f} is NOT PREDICTABLE" in log
 
 
+def test_shipped_maps_and_any_ion_image_average_back_to_the_measurement(three_modality_run,
+                                                                          tmp_path):
+    """Every level's component maps average back onto the reference grid to the reference's
+    maps (r >= 0.99 per component, as fusion.json says), and ``ion-image --measured`` of an m/z
+    that is not a target adds back the measured-minus-reconstructed residual: its image averages
+    back to the measured one (r >= 0.99), which the maps alone (rank 8) do not."""
+    import tifffile
+
+    from msifusion.cli import main
+    from msifusion.products import measured_section_image, read_fused
+    from msifusion.sharpen import fidelity
+    from msifusion.spectra import mz_window
+    from msifusion.steps.section import read_section_maps
+    from msifusion.store import ConvertedReader
+
+    workdir, summary, cfg, _ = three_modality_run
+    ppm = float(cfg["targets"]["ppm"])
+    section = summary["sections"][0]
+    res = workdir / "results" / section
+    report = json.loads((res / "fusion.json").read_text())
+    ref = read_section_maps(res / f"maps_{cfg['chain'][0]}.h5")
+    ref_maps = np.where(ref["acquired"][None], ref["maps"], np.nan)
+    for modality, level in zip(cfg["chain"][1:], report["levels"]):
+        fused = read_fused(res / f"fused_{modality}.h5")
+        fid = fidelity(fused["maps"], ref_maps, fused["extra"]["matrix_to_reference"], ref["mask"])
+        assert (fid >= 0.99).all(), (modality, fid)
+        np.testing.assert_allclose(level["maps_fidelity_r"], fid, atol=1e-4)
+    # the most intense reference m/z that is no target's
+    weight = ref["spectra"].sum(0)
+    for t in cfg["targets"]["mz"]:
+        weight[mz_window(ref["mz"], t, 5 * ppm)] = 0
+    mz = float(ref["mz"][np.argmax(weight)])
+    product = res / f"fused_{cfg['chain'][1]}.h5"
+    converted = workdir / "results" / "converted" / cfg["chain"][0] / \
+        f"{Path(summary['files'][section][cfg['chain'][0]]).stem}.h5"
+    fused = read_fused(product)
+    measured = measured_section_image(ConvertedReader(converted), fused, mz, ppm)
+    m_ref = fused["extra"]["matrix_to_reference"]
+    r = {}
+    png = tmp_path / "measured.png"
+    for name, extra_args in (("maps", []), ("measured", ["--measured", str(converted), "--png",
+                                                         str(png)])):
+        out = tmp_path / f"{name}.tif"
+        assert main(["ion-image", str(product), "--mz", str(mz), "--ppm", str(ppm), "--tiff",
+                     str(out)] + extra_args) == 0
+        r[name] = fidelity(tifffile.imread(out)[None], measured[None], m_ref, ref["mask"])[0]
+    assert r["measured"] >= 0.99 and r["measured"] > r["maps"], r
+    assert png.stat().st_size > 1000
+
+
 def test_named_rois_spectra_at_every_level(three_modality_run):
     """Configured ROIs give a mean spectrum per level; the reference column of the box equals the
     mean reconstructed spectrum of its tissue pixels."""

@@ -13,7 +13,7 @@ from ..fuse import fuse_chain
 from ..products import write_fused
 from ..register import Registration, chain_to_reference, pose
 from ..schema import default
-from ..sharpen import sharpen_targets
+from ..sharpen import fidelity, make_consistent, sharpen_targets
 from ..store import atomic_output
 from .register import registration_summary
 from .ions import read_ion_images
@@ -101,7 +101,9 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
             reduced_r = np.zeros((0, 0))
         allowed = gain > 0
         step_images, step_mask = images, lv["mask"]
-        write_fused(out, res.pred, ref["spectra"], ref["mz"], origin_xy=tuple(lv["origin_xy"]),
+        maps_out, maps_fid = _consistent_maps(res.pred, target, m_ref, ref["mask"], consistency,
+                                              min_coverage)
+        write_fused(out, maps_out, ref["spectra"], ref["mz"], origin_xy=tuple(lv["origin_xy"]),
                     pixel_size_um=float(lv["pixel_size_um"]), reference=ref["modality"],
                     extra={"cv_r": np.asarray(res.cv_r, np.float32), "matrix_to_reference": m_ref,
                            "target_mz": np.asarray(targets, np.float64),
@@ -110,9 +112,13 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
                            "target_reduced_r": np.asarray(reduced_r, np.float32),
                            "target_fidelity_r": np.asarray(fid, np.float32),
                            "target_image": images, "tissue_mask": lv["mask"],
+                           "maps_fidelity_r": maps_fid.astype(np.float32),
+                           "reference_origin_xy": np.asarray(ref["origin_xy"], np.int64),
+                           "reference_shape": np.asarray(ref["acquired"].shape, np.int64),
                            "target_ppm": float(ppm), "min_target_r": float(min_target_r)})
         summary["levels"].append({"modality": lv["modality"],
                                   "cv_r": [float(v) for v in res.cv_r],
+                                  "maps_fidelity_r": [_num(v) for v in maps_fid],
                                   "targets": [{"mz": t, "cv_r": _num(r), "gain": float(g),
                                                "reduced_scale_r": [_num(v) for v in rr],
                                                "fidelity_r": _num(fr), "predictable": bool(o)}
@@ -120,8 +126,9 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
                                                                             reduced_r, fid, allowed)],
                                   "to_reference": pose(m_ref, lv["pixel_size_um"],
                                                        ref["pixel_size_um"])})
-        log.info("section %r, %s: mean cross-validated r %.3f", ref["section"], lv["modality"],
-                 float(np.nanmean(res.cv_r)))
+        log.info("section %r, %s: mean cross-validated r %.3f, maps fidelity to the reference "
+                 "min r %.4f", ref["section"], lv["modality"], float(np.nanmean(res.cv_r)),
+                 float(np.nanmin(maps_fid)) if np.isfinite(maps_fid).any() else float("nan"))
         for t, c in zip(np.asarray(targets)[~allowed], np.asarray(cv_r)[~allowed]):
             log.warning("section %r, %s: m/z %.4f is NOT PREDICTABLE from the finer modalities "
                         "(cross-validated r %.2f, or no gain in the reduced-scale test): its "
@@ -129,6 +136,23 @@ def fuse_step(maps: list[str], transforms: list[str], outs: list[str], report: s
                         lv["modality"], t, c)
     with atomic_output(report) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
+
+
+def _consistent_maps(pred: np.ndarray, reference: np.ndarray, to_ref: np.ndarray, mask: np.ndarray,
+                     consistency: bool | str, min_coverage: float) -> tuple[np.ndarray, np.ndarray]:
+    """The component maps a level ships, and their fidelity r to the reference's maps.
+
+    Unless ``consistency`` is False, the predicted maps (k, ny, nx) are corrected
+    (:func:`msifusion.sharpen.make_consistent`) so that their averages over every reference
+    pixel (``to_ref``: level pixel -> reference pixel) reproduce the reference's measured maps
+    (k, ny0, nx0), as the target images do; fidelity is scored on the reference tissue ``mask``.
+    """
+    maps = pred
+    if consistency is not False:
+        maps, info = make_consistent(pred, reference, to_ref, min_coverage=min_coverage)
+        log.info("component maps made consistent with the reference in %d iterations "
+                 "(max |residual| %.3g)", info["iterations"], info["max_abs"])
+    return maps, fidelity(maps, reference, to_ref, mask, min_coverage=min_coverage)
 
 
 def _measured(ions: str | None, targets: list[float], ppm: float, ref: dict) -> np.ndarray:
