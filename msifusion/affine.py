@@ -79,13 +79,25 @@ def pose(m: np.ndarray, from_px_um: float, to_px_um: float) -> dict:
     m = np.asarray(m, dtype=np.float64)
     f, c = float(from_px_um), float(to_px_um)
     m_um = np.concatenate([m[:, :2] * (c / f), m[:, 2:] * c], axis=1)
-    a = m[:, :2]
-    mirror = bool(np.linalg.det(a) < 0)
-    r = a @ np.diag([-1.0, 1.0]) if mirror else a
+    mirror = bool(np.linalg.det(m[:, :2]) < 0)
     return {"matrix_px": m.tolist(), "matrix_um": m_um.tolist(),
-            "rotation_deg": _wrap_deg(math.degrees(math.atan2(r[1, 0] - r[0, 1], r[0, 0] + r[1, 1]))),
-            "mirror": mirror, "scale": math.sqrt(abs(float(np.linalg.det(a)))),
+            "rotation_deg": _wrap_deg(rotation_deg(m, mirror)),
+            "mirror": mirror, "scale": linear_scale(m),
             "translation_um": [float(m[0, 2] * c), float(m[1, 2] * c)]}
+
+
+def linear_scale(m: np.ndarray) -> float:
+    """Isotropic scale ``sqrt(|det|)`` of the linear part of a 2 x 3 (or 2 x 2) map: for a
+    fine -> coarse pixel map, coarse pixels per fine pixel along a side."""
+    return math.sqrt(abs(float(np.linalg.det(np.asarray(m, dtype=np.float64)[:, :2]))))
+
+
+def rotation_deg(m: np.ndarray, mirror: bool) -> float:
+    """Rotation (degrees, in (-180, 180]) of the linear part of a 2 x 3 map, once the x mirror is
+    taken out when ``mirror``."""
+    a = np.asarray(m, dtype=np.float64)[:, :2]
+    r = a @ np.diag([-1.0, 1.0]) if mirror else a
+    return math.degrees(math.atan2(r[1, 0] - r[0, 1], r[0, 0] + r[1, 1]))
 
 
 def invert(m: np.ndarray) -> np.ndarray:

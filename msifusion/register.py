@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
-from .affine import _wrap_deg, chain_to_reference, compose, invert, pose, transform_points
+from .affine import (_wrap_deg, chain_to_reference, compose, invert, linear_scale, pose,
+                     rotation_deg, transform_points)
 from .errors import InputError
 from .schema import default
 
@@ -1070,9 +1071,8 @@ def register_pair(
     mirrored = bool(p2.mirror[0])
 
     dice = _dice(coarse, fmask, np.isfinite(fimg), matrix, fine.b)
-    rot = a_fin @ np.diag([-1.0, 1.0]) if mirrored else a_fin  # rotation (x scale) part
-    theta = math.degrees(math.atan2(rot[1, 0] - rot[0, 1], rot[0, 0] + rot[1, 1]))
-    scale = math.sqrt(abs(float(np.linalg.det(a_fin))))
+    theta = rotation_deg(a_fin, mirrored)
+    scale = linear_scale(a_fin)
     boundary = _boundary_f(coarse, fmask, np.isfinite(fimg), matrix, s)
     # evidence that the placement is right: the outlines agree, or the images themselves do
     quality_ok = (math.isfinite(boundary) and boundary >= min_boundary) or ncc >= min_ncc
@@ -1187,7 +1187,7 @@ def warp_to_coarse(fine_stack: np.ndarray, matrix: np.ndarray, coarse_shape: tup
     oy, ox = np.mgrid[0:nyc * u, 0:nxc * u].astype(np.float64)
     q = np.stack([(ox.ravel() - (u - 1) / 2.0) / u, (oy.ravel() - (u - 1) / 2.0) / u], 1)
     p = transform_points(invert(matrix), q)
-    scale = math.sqrt(abs(np.linalg.det(np.asarray(matrix)[:, :2])))  # coarse px per fine px
+    scale = linear_scale(matrix)  # coarse px per fine px
     sigma = 0.5 / (scale * u) if scale * u < 1 else 0.0
     out = np.empty((stack.shape[0], nyc * u, nxc * u), dtype=np.float32)
     for k, img in enumerate(stack):

@@ -43,7 +43,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
-from .affine import _wrap_deg
+from .affine import _wrap_deg, linear_scale, rotation_deg
 from .errors import InputError
 from .register import Registration, _block_mean, _boundary_f, _dice, _failed, _pad_coarse
 from .schema import default
@@ -396,7 +396,7 @@ def regression_similarity(coarse_channels: np.ndarray, coarse_valid: np.ndarray,
     """The similarity of one placement (module docstring): for tests and diagnostics."""
     y = _whitened(np.asarray(coarse_channels, dtype=np.float64), coarse_valid)
     fine = _fine_features(np.asarray(fine_features, dtype=np.float64), fine_valid, fine_mask)
-    s = math.sqrt(abs(np.linalg.det(np.asarray(matrix)[:, :2])))
+    s = linear_scale(matrix)
     return _Sampler(y, coarse_valid, fine, fine_valid, s)(np.asarray(matrix, dtype=np.float64))
 
 
@@ -488,7 +488,7 @@ def register_image(coarse_channels: np.ndarray, coarse_valid: np.ndarray,
             quota[allowed] -= 1
     refined = []
     for i in keep:
-        s = math.sqrt(abs(np.linalg.det(cands[i][1][:, :2])))
+        s = linear_scale(cands[i][1])
         sampler = _Sampler(y, cvalid, fine, fvalid, s)
         m, _, evals = _refine(sampler.fit, cands[i][1], centre_f, affine=False)
         if model == "affine":
@@ -505,10 +505,8 @@ def register_image(coarse_channels: np.ndarray, coarse_valid: np.ndarray,
     # relative: the similarity of a fine image that sees part of the section is that part's
     # share (0.4 for half of it), and so are the gaps
     margin = float(1.0 - max(others) / sim) if others and sim > 0 else float("nan")
-    a = matrix[:, :2]
-    rot = a @ np.diag([-1.0, 1.0]) if mirrored else a
-    theta = math.degrees(math.atan2(rot[1, 0] - rot[0, 1], rot[0, 0] + rot[1, 1]))
-    scale = math.sqrt(abs(float(np.linalg.det(a))))
+    theta = rotation_deg(matrix, mirrored)
+    scale = linear_scale(matrix)
     coarse = _pad_coarse(np.where(cvalid, cmask.astype(float), np.nan), cmask, 8)
     dice = _dice(coarse, fmask, fvalid, matrix, 1)
     boundary = _boundary_f(coarse, fmask, fvalid, matrix, scale)

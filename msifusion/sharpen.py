@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .affine import block_matrix
+from .affine import block_matrix, linear_scale
 from .errors import InputError
 from .evaluate import bicubic_to_grid, pearson
 from .fuse import (_check_matrix, _consistency_operators, _enforce_consistency, _footprint_operator,
@@ -58,8 +58,7 @@ MIN_REDUCED_SHARE = 0.5
 
 def pixel_ratio(matrix: np.ndarray) -> float:
     """Fine pixels per coarse pixel along a side: ``1 / sqrt(|det|)`` of the fine -> coarse map."""
-    m = np.asarray(matrix, dtype=np.float64)
-    return float(1.0 / np.sqrt(abs(np.linalg.det(m[:, :2]))))
+    return 1.0 / linear_scale(matrix)
 
 
 def _constrained(coarse: np.ndarray, coverage: np.ndarray, min_coverage: float) -> np.ndarray:
