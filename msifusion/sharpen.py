@@ -37,6 +37,7 @@ from .errors import InputError
 from .evaluate import bicubic_to_grid, pearson
 from .fuse import (_check_matrix, _consistency_operators, _enforce_consistency, _footprint_operator,
                    _rows_needed, footprint_average, fuse_pair)
+from .maps import principal_maps
 from .schema import default
 
 log = logging.getLogger("msifusion.sharpen")
@@ -143,42 +144,6 @@ def fidelity(images: np.ndarray, coarse: np.ndarray, matrix: np.ndarray, mask: n
     if mask is not None:
         keep &= np.asarray(mask, dtype=bool)
     return np.array([pearson(a, b, keep) for a, b in zip(avg, c)])
-
-
-def principal_maps(maps: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` leading principal component maps of standardised component maps.
-
-    The reduced-scale test regresses on these when the section one scale down has too few pixels
-    for all the maps (a finer modality's NMF maps are many, 40 by default, and redundant).
-
-    Parameters
-    ----------
-    maps : ndarray, shape (k, ny, nx)
-        NaN where not acquired.
-    n : int
-        Components kept (at most ``k``).
-
-    Returns
-    -------
-    ndarray, shape (min(n, k), ny, nx), float64
-        Scores of the acquired pixels on the leading eigenvectors of the maps' correlation
-        matrix (sign fixed: largest loading positive); NaN where not acquired.
-    """
-    m = np.asarray(maps, dtype=np.float64)
-    k = len(m)
-    valid = np.isfinite(m).all(0)
-    n = int(min(n, k))
-    out = np.full((n,) + m.shape[1:], np.nan)
-    if not valid.any():
-        return out
-    x = m[:, valid].T
-    sd = x.std(axis=0)
-    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    w, v = np.linalg.eigh(z.T @ z / len(z))
-    v = v[:, np.argsort(w)[::-1][:n]]
-    v *= np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(n)])
-    out[:, valid] = (z @ v).T
-    return out
 
 
 def _degrade(coarse: np.ndarray, mask: np.ndarray, d: int, min_coverage: float):

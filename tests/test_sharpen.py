@@ -164,7 +164,8 @@ def test_principal_maps_and_feature_sets():
     scale (sign fixed); NaN stays NaN. With few pixels the feature sets go down to principal maps
     that a regression on them can support."""
     from msifusion.fuse import _rows_needed
-    from msifusion.sharpen import _feature_sets, principal_maps
+    from msifusion.maps import principal_maps
+    from msifusion.sharpen import _feature_sets
 
     rng = np.random.default_rng(0)
     p = rng.random((6, 7))

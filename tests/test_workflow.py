@@ -198,6 +198,35 @@ def test_registration_recovers_true_transform(three_modality_run):
                 assert doc["passed"] and doc["margin"] >= cfg["registration"]["min_margin"]
 
 
+def test_nonlinear_response_registered_by_regression(tmp_path):
+    """A phantom whose finer modalities see the species through power laws and ion suppression
+    (``response="nonlinear"``): the total images disagree inside the tissue, and the MALDI ->
+    ToF-SIMS pair, which the total images place at the wrong rotation or without a margin, is
+    placed by the regression of the component maps (view "regression") where the truth says."""
+    summary = generate_study(tmp_path / "study", preset="small", seed=2,
+                             chain=("fticr", "maldi", "tofsims"), tile_px=20, response="nonlinear")
+    cfg = small_config("study/sections.tsv", ("fticr", "maldi", "tofsims"), tile_px=20)
+    demo = yaml.safe_load((ROOT / "config" / "demo" / "config.yaml").read_text())
+    for name in cfg["chain"]:   # the demo's ranks (12 / 16 / 20): more fine maps than the small
+        cfg["modalities"][name]["nmf"]["rank"] = demo["modalities"][name]["nmf"]["rank"]  # field fits
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    outs = [f"results/{s}/transform_maldi_tofsims.json" for s in summary["sections"]]
+    snakemake(tmp_path, *outs)
+    views = []
+    for section, out in zip(summary["sections"], outs):
+        doc = json.loads((tmp_path / out).read_text())
+        views.append(doc["details"].get("view"))
+        assert doc["passed"], (section, doc)
+        with h5py.File(summary_truth(tmp_path, section)) as t:
+            ys, xs = np.nonzero(t["tofsims"]["mask"][()])
+            pts = np.stack([xs, ys, np.ones_like(xs)]).astype(float)
+            true_fc = _fine_to_coarse(t, "maldi", "tofsims")
+        err = np.linalg.norm(np.asarray(doc["matrix_px"]) @ pts - true_fc @ pts, axis=0)
+        assert np.sqrt((err ** 2).mean()) <= 0.25, (section, err.max())
+    assert "regression" in views, views
+
+
 def _fine_to_coarse(t, coarse, fine):
     """True fine->coarse pixel matrix from the two truth matrices to the reference."""
     def h(m):

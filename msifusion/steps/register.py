@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 
 from ..errors import InputError
+from ..maps import principal_maps
 from ..register import plot_overlay, register_pair
-from ..register_image import register_image
+from ..register_image import N_COMPONENTS, register_image
 from ..schema import default
 from ..store import atomic_output
 from .section import read_section_maps, tissue_image, total_image
@@ -31,7 +32,8 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *,
     """Register a fine modality's section to the coarse one; write the transform JSON and QC PNG.
 
     An MSI pair is registered on its total images and component maps
-    (:func:`msifusion.register.register_pair`); an image level (microscopy) by how much of the
+    (:func:`msifusion.register.register_pair`), and when that does not pass, by the regression
+    of the coarse component maps on the fine ones (:func:`_by_regression`); an image level (microscopy) by how much of the
     coarse component maps its features explain, its scale searched
     (:func:`msifusion.register_image.register_image`). A registration that does not pass is
     written too (``passed: false``, with every failing criterion, :func:`failed_criteria`); the
@@ -63,7 +65,43 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *,
             reg = trial
         if reg.passed:
             break
+    if not reg.passed:
+        reg = _by_regression(reg, c, f, model=model, n_starts=n_starts, mirror=mirror,
+                             min_score=min_score, min_margin=min_margin, min_boundary=min_boundary,
+                             min_similarity=min_image_similarity)
     _write(reg, c, f, out_json, out_png)
+
+
+def _by_regression(failed, c: dict, f: dict, **kw):
+    """An MSI pair that the total images could not place, placed by regression similarity.
+
+    When the two modalities see the tissue's chemistry through different responses (ion
+    suppression, saturating or steep ion yields: `msifusion.phantom` ``response="nonlinear"``),
+    their total images can disagree inside the tissue while a regression of the coarse
+    component maps on the fine ones still explains the coarse section only at the right
+    placement. The fine maps' leading principal maps (as many as the coarse components the
+    similarity explains, :data:`msifusion.register_image.N_COMPONENTS`: a small field cannot
+    support a regression on 20 maps, their squares and the tissue share) are taken as an image
+    level's features (:func:`msifusion.register_image.register_image`) at the scale their pixel
+    sizes give (``scale_range`` 0 before the refinement). Its own criteria decide
+    (``registration.min_image_similarity`` among them); when it does not pass either, the
+    total-image failure ``failed`` is kept, with this attempt's figures in its details.
+    """
+    trial = register_image(c["maps"], c["acquired"], c["mask"], c["pixel_size_um"],
+                           principal_maps(f["maps"], N_COMPONENTS), f["acquired"], f["mask"],
+                           float(f["pixel_size_um"]),
+                           fine_px_source="config", scale_range=0.0, **kw)
+    log.info("section %r: %s -> %s did not pass on the total images; by regression of the "
+             "component maps: rotation %.2f deg, margin %.3f, similarity %.3f -> %s", c["section"],
+             f["modality"], c["modality"], trial.rotation_deg, trial.margin, trial.ncc,
+             "passed" if trial.passed else "failed")
+    if trial.passed:
+        trial.details["view"] = "regression"
+        return trial
+    failed.details["regression"] = {"rotation_deg": float(trial.rotation_deg),
+                                    "margin": float(trial.margin), "similarity": float(trial.ncc),
+                                    "passed": False}
+    return failed
 
 
 def _write(reg, c: dict, f: dict, out_json: str, out_png: str) -> None:
