@@ -13,7 +13,8 @@ from msifusion.job import error_marker, remove_error_markers, run_job
 
 def fake_job(tmp_path, threads=1):
     """What run_job reads of Snakemake's ``snakemake`` object."""
-    return SimpleNamespace(log=[str(tmp_path / "logs" / "rule" / "job.log")], threads=threads)
+    return SimpleNamespace(log=[str(tmp_path / "logs" / "rule" / "job.log")], threads=threads,
+                           input=[], output=[])
 
 
 def test_input_error_is_not_retried(tmp_path):
@@ -44,8 +45,8 @@ def test_input_error_is_not_retried(tmp_path):
 
 
 def test_unexpected_errors_are_retried_and_raise(tmp_path):
-    """A crash that is not msifusion's own (an OSError, MemoryError, ...) keeps its traceback and
-    leaves no marker: a retry may help."""
+    """A crash that is not msifusion's own (a MemoryError, ...) keeps its traceback and leaves no
+    marker: a retry may help."""
     job = fake_job(tmp_path)
 
     def step():
