@@ -666,6 +666,55 @@ def _accessions(buf: bytearray, a: np.ndarray, w8: np.ndarray, cv: np.ndarray
     return at, code
 
 
+_ENTITIES = (b"&amp;", b"&lt;", b"&gt;", b"&quot;", b"&apos;", b"&#")
+
+
+def _check_tags(a: np.ndarray, w8: np.ndarray, lt: np.ndarray, n: int) -> None:
+    """Check, vectorised, that the markup of ``buf[:n]`` (whole spectra; in the first chunk after
+    the ``<spectrumList`` tag that opens it) is well formed: each tag closed by ``>`` before the
+    next ``<``, its double quotes paired, start and end tags nested with the same names, only the
+    predefined entities. Raises :class:`_Unverified` (the general parser then gives the precise
+    error) on anything else, also on comments, CDATA and processing instructions.
+    """
+    if len(lt) and _matches(w8, lt[:1], b"<spectrumList")[0] and lt[0] == 0:
+        lt = lt[1:]                                      # the list's own start tag
+    gt = np.flatnonzero(a[:n] == 62)
+    k = np.searchsorted(gt, lt)
+    if len(lt) and k[-1] >= len(gt):
+        raise _Unverified("a tag is not closed")
+    end = gt[np.minimum(k, max(len(gt) - 1, 0))]
+    if len(lt) > 1 and np.any(end[:-1] > lt[1:]):
+        raise _Unverified("a tag is not closed before the next one")
+    quotes = np.flatnonzero(a[:n] == 34)
+    if np.any((np.searchsorted(quotes, end) - np.searchsorted(quotes, lt)) % 2):
+        raise _Unverified("unpaired quotes in a tag")
+    second = a[lt + 1]
+    if np.any((second == ord("!")) | (second == ord("?"))):
+        raise _Unverified("comment, CDATA or processing instruction in the spectrum list")
+    closing = second == ord("/")
+    opening = ~closing & (a[end - 1] != ord("/"))
+    step = opening.astype(np.int64) - closing
+    depth = np.cumsum(step)
+    if len(depth) and (depth.min() < 0 or depth[-1] != 0):
+        raise _Unverified("start and end tags do not balance")
+    sel = np.flatnonzero(step != 0)                      # start tags (not empty) and end tags
+    level = (depth + closing)[sel]                       # a pair's start and end share a level
+    pairs = sel[np.lexsort((sel, level))].reshape(-1, 2)
+    if pairs.size and not (opening[pairs[:, 0]].all() and closing[pairs[:, 1]].all()):
+        raise _Unverified("start and end tags do not nest")
+    start, stop = lt[pairs[:, 0]], lt[pairs[:, 1]]
+    length = end[pairs[:, 1]] - stop - 2                 # end tag names: </name>
+    if len(length) and (length.min() < 1 or length.max() > 32):
+        raise _Unverified("an end tag written differently")
+    mask = np.arange(32) < length[:, None]
+    same = np.all((_bytes_at(w8, start + 1, 4) == _bytes_at(w8, stop + 2, 4)) | ~mask, axis=1)
+    if not (same & _NAME_END[a[start + 1 + length]]).all():
+        raise _Unverified("an end tag does not match its start tag")
+    amp = np.flatnonzero(a[:n] == 38)
+    if len(amp) and not np.any([_matches(w8, amp, e) for e in _ENTITIES], axis=0).all():
+        raise _Unverified("an entity other than the predefined ones")
+
+
 def _scan_chunk(buf: bytearray, n: int, groups: dict[str, ArrayParams]) -> dict:
     """Vectorised index of the complete ``<spectrum>`` elements in ``buf[:n]`` (see
     :func:`read_index`); ``buf`` extends at least 64 bytes further.
@@ -677,6 +726,7 @@ def _scan_chunk(buf: bytearray, n: int, groups: dict[str, ArrayParams]) -> dict:
     """
     a, w8 = _words(buf)
     lt = np.flatnonzero(a[:n] == 60)
+    _check_tags(a, w8, lt, n)
     nxt = a[lt + 1]
     c = lt[nxt == ord("s")]
     spec = c[_matches(w8, c, b"<spectrum") & _NAME_END[a[c + 9]]]
