@@ -174,7 +174,7 @@ def run_job(smk, step, **kwargs) -> None:
     except OSError as err:          # not marked: a full disk or a lost mount may be gone next time
         log.error("msifusion error: %s", os_error_message(err))
         sys.exit(1)
-    except MsifusionError as err:
+    except (MsifusionError, UnicodeError) as err:
         log.error("msifusion error: %s", err)
         if marker is not None:
             marker.write_text(str(err))
