@@ -481,6 +481,15 @@ def test_data_type_contradiction_settled_by_encoded_length(tmp_path, caplog, int
     assert any("intensity arrays' data type is contradictory" in m for m in caplog.messages)
 
 
+def test_wrong_data_type_named_in_the_truncation_message(tmp_path):
+    """Accession and name agree on 64-bit, the data and encoded lengths are 32-bit: the arrays
+    run past the .ibd, and the message points at the data type instead of only the file."""
+    path = write_imzml(tmp_path / "w", random_spectra(3), [(1, 1), (2, 1), (3, 1)])
+    edit_xml(path, _in_group("intensityArray", _F32, _F64))
+    assert_fails(path, tmp_path / "w.h5", r"the \.ibd is truncated .*its encoded length "
+                 r"\(IMS:1000104\) is \d+ bytes, not \d+ x 8: is the data type \(float64\) wrong\?")
+
+
 def test_data_type_contradiction_without_encoded_length_refused(tmp_path):
     spectra = random_spectra(3, int_dtype=np.float64)
     path = write_imzml(tmp_path / "c", spectra, [(1, 1), (2, 1), (3, 1)], int_dtype=np.float64)
