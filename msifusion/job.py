@@ -1,8 +1,11 @@
 """Job harness: what every Snakemake ``script:`` job does around its step function.
 
-Logging to the rule's ``log:`` file, the thread count of the rule, one clear message instead of a
-traceback for the errors msifusion raises on purpose, and no second attempt of a job that stopped on
-such an error (a retry helps a job killed for memory or time, never one whose input is wrong).
+Logging to the rule's ``log:`` file, the thread count of the rule, the outputs checked before the
+work (:func:`check_outputs`, also called by every command of :mod:`msifusion.cli` and by the
+stages that write next to raw data), one clear message instead of a traceback for the errors
+msifusion raises on purpose and for errors of the operating system, and no second attempt of a
+job that stopped on an input error (a retry helps a job killed for memory or time, never one
+whose input is wrong).
 
 Deliberately light: it imports nothing of the library's stages, so that the code a job depends on
 (:mod:`msifusion.codedeps`) is the closure of its step module alone.
