@@ -667,50 +667,64 @@ def _accessions(buf: bytearray, a: np.ndarray, w8: np.ndarray, cv: np.ndarray
 
 
 _ENTITIES = (b"&amp;", b"&lt;", b"&gt;", b"&quot;", b"&apos;", b"&#")
+#: ``_LOW_BYTES[k]``: the mask of the low ``k`` bytes of a little-endian word, k = 0..8.
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)
 
 
-def _check_tags(a: np.ndarray, w8: np.ndarray, lt: np.ndarray, n: int) -> None:
+def _same_names(w8: np.ndarray, start: np.ndarray, stop: np.ndarray, length: np.ndarray
+                ) -> np.ndarray:
+    """Whether the ``length`` bytes after each ``<`` at ``start`` equal those after ``</`` at
+    ``stop`` (compared 8 bytes at a time)."""
+    same = np.ones(len(start), bool)
+    for k in range(0, int(length.max(initial=0)), 8):
+        mask = _LOW_BYTES[np.clip(length - k, 0, 8)]
+        same &= ((w8[start + 1 + k] ^ w8[stop + 2 + k]) & mask) == 0
+    return same
+
+
+def _check_tags(buf: bytearray, a: np.ndarray, w8: np.ndarray, lt: np.ndarray, n: int) -> None:
     """Check, vectorised, that the markup of ``buf[:n]`` (whole spectra; in the first chunk after
     the ``<spectrumList`` tag that opens it) is well formed: each tag closed by ``>`` before the
-    next ``<``, its double quotes paired, start and end tags nested with the same names, only the
-    predefined entities. Raises :class:`_Unverified` (the general parser then gives the precise
-    error) on anything else, also on comments, CDATA and processing instructions.
+    next ``<``, double quotes in pairs that each open after ``=``, start and end tags nested
+    with the same names, only the predefined entities. Raises :class:`_Unverified` (the general parser
+    then gives the precise error) on anything else, also on comments, CDATA, processing
+    instructions and attributes written ``= "`` or in single quotes.
     """
-    if len(lt) and _matches(w8, lt[:1], b"<spectrumList")[0] and lt[0] == 0:
+    if len(lt) and lt[0] == 0 and _matches(w8, lt[:1], b"<spectrumList")[0]:
         lt = lt[1:]                                      # the list's own start tag
     gt = np.flatnonzero(a[:n] == 62)
-    k = np.searchsorted(gt, lt)
-    if len(lt) and k[-1] >= len(gt):
-        raise _Unverified("a tag is not closed")
-    end = gt[np.minimum(k, max(len(gt) - 1, 0))]
-    if len(lt) > 1 and np.any(end[:-1] > lt[1:]):
+    if len(gt) == len(lt):                               # no '>' outside the tags: one each
+        end = gt
+    else:
+        k = np.searchsorted(gt, lt)
+        if len(lt) and k[-1] >= len(gt):
+            raise _Unverified("a tag is not closed")
+        end = gt[np.minimum(k, max(len(gt) - 1, 0))]
+    if len(lt) and (np.any(end < lt) or np.any(end[:-1] > lt[1:])):
         raise _Unverified("a tag is not closed before the next one")
     quotes = np.flatnonzero(a[:n] == 34)
-    if np.any((np.searchsorted(quotes, end) - np.searchsorted(quotes, lt)) % 2):
-        raise _Unverified("unpaired quotes in a tag")
+    if len(quotes) % 2 or np.any(a[quotes[0::2] - 1] != 61):
+        raise _Unverified("a double quote that does not open a value after '=' or close one")
     second = a[lt + 1]
     if np.any((second == ord("!")) | (second == ord("?"))):
         raise _Unverified("comment, CDATA or processing instruction in the spectrum list")
     closing = second == ord("/")
     opening = ~closing & (a[end - 1] != ord("/"))
-    step = opening.astype(np.int64) - closing
+    step = opening.astype(np.int32) - closing
     depth = np.cumsum(step)
     if len(depth) and (depth.min() < 0 or depth[-1] != 0):
         raise _Unverified("start and end tags do not balance")
-    sel = np.flatnonzero(step != 0)                      # start tags (not empty) and end tags
-    level = (depth + closing)[sel]                       # a pair's start and end share a level
-    pairs = sel[np.lexsort((sel, level))].reshape(-1, 2)
+    sel = np.flatnonzero(step)                           # start tags (not empty) and end tags
+    pairs = sel[np.lexsort((sel, (depth + closing)[sel]))].reshape(-1, 2)  # by level, in order
     if pairs.size and not (opening[pairs[:, 0]].all() and closing[pairs[:, 1]].all()):
         raise _Unverified("start and end tags do not nest")
     start, stop = lt[pairs[:, 0]], lt[pairs[:, 1]]
     length = end[pairs[:, 1]] - stop - 2                 # end tag names: </name>
-    if len(length) and (length.min() < 1 or length.max() > 32):
+    if len(length) and (length.min() < 1 or length.max() > 48):
         raise _Unverified("an end tag written differently")
-    mask = np.arange(32) < length[:, None]
-    same = np.all((_bytes_at(w8, start + 1, 4) == _bytes_at(w8, stop + 2, 4)) | ~mask, axis=1)
-    if not (same & _NAME_END[a[start + 1 + length]]).all():
+    if not (_same_names(w8, start, stop, length) & _NAME_END[a[start + 1 + length]]).all():
         raise _Unverified("an end tag does not match its start tag")
-    amp = np.flatnonzero(a[:n] == 38)
+    amp = np.flatnonzero(a[:n] == 38) if buf.find(b"&", 0, n) >= 0 else ()
     if len(amp) and not np.any([_matches(w8, amp, e) for e in _ENTITIES], axis=0).all():
         raise _Unverified("an entity other than the predefined ones")
 
@@ -726,7 +740,7 @@ def _scan_chunk(buf: bytearray, n: int, groups: dict[str, ArrayParams]) -> dict:
     """
     a, w8 = _words(buf)
     lt = np.flatnonzero(a[:n] == 60)
-    _check_tags(a, w8, lt, n)
+    _check_tags(buf, a, w8, lt, n)
     nxt = a[lt + 1]
     c = lt[nxt == ord("s")]
     spec = c[_matches(w8, c, b"<spectrum") & _NAME_END[a[c + 9]]]
