@@ -80,11 +80,15 @@ def cmd_crop(a):
               all_tissue=a.all_tissue)
 
 
+def _qc_path(a) -> str:
+    """register's QC image: --qc, by default beside the transform."""
+    return a.qc or str(Path(a.out).with_suffix(".png"))
+
+
 def cmd_register(a):
     from .steps.register import register_step
 
-    qc = a.qc or str(Path(a.out).with_suffix(".png"))
-    register_step(a.coarse, a.fine, a.out, qc, model=a.model, n_starts=a.n_starts,
+    register_step(a.coarse, a.fine, a.out, _qc_path(a), model=a.model, n_starts=a.n_starts,
                   mirror=a.mirror, iterations=a.iterations, min_score=a.min_score,
                   min_margin=a.min_margin, min_boundary=a.min_boundary, min_ncc=a.min_ncc,
                   seed=a.seed)
@@ -210,6 +214,7 @@ def cmd_config_keys(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msifusion", description=__doc__)
+    p.set_defaults(input_args=(), output_args=())
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -225,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-checksum", action="store_true", help="skip the .ibd checksum")
     s.add_argument("--full-xml-check", action="store_true",
                    help="index with the full XML parser (slower; checks all of the XML)")
-    s.set_defaults(func=cmd_convert)
+    s.set_defaults(func=cmd_convert, input_args=("imzml",), output_args=("out",))
 
     s = sub.add_parser("export", help="converted HDF5 or fused product -> imzML (+ .ibd)")
     s.add_argument("inp", metavar="IN.h5")
@@ -235,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: continuous when the data have one m/z axis, else processed")
     s.add_argument("--top-n", type=int, help="keep the N most intense values per pixel "
                    "(processed output)")
-    s.set_defaults(func=cmd_export)
+    s.set_defaults(func=cmd_export, input_args=("inp",), output_args=("out",))
 
     s = sub.add_parser("nmf", help="NMF of one modality's converted files (shared components)")
     s.add_argument("inputs", nargs="+", help="converted HDF5 file(s)")
@@ -258,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=default("seed"))
     s.add_argument("--modality", default="modality")
     s.add_argument("--figure", help="PNG of component maps and spectra")
-    s.set_defaults(func=cmd_nmf)
+    s.set_defaults(func=cmd_nmf, input_args=("inputs",), output_args=("out", "figure"))
 
     s = sub.add_parser("image", help="a microscopy image as a chain level: features, tissue "
                        "mask, pixel size (NMF-file layout, for crop)")
@@ -277,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-mb", type=float, default=default("modality.image.memory_mb"),
                    help="reading memory beyond the working grid")
     s.add_argument("--figure", help="PNG of the image, tissue outline and features")
-    s.set_defaults(func=cmd_image)
+    s.set_defaults(func=cmd_image, input_args=("image",), output_args=("out", "figure"))
 
     s = sub.add_parser("degrid", help="remove the scan-tile grid from an NMF file's maps")
     s.add_argument("inp")
@@ -286,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=["gain", "subtract"],
                    default=default("modality.grid.method"))
     s.add_argument("--figure")
-    s.set_defaults(func=cmd_degrid)
+    s.set_defaults(func=cmd_degrid, input_args=("inp",), output_args=("out", "figure"))
 
     s = sub.add_parser("crop", help="one section's ROI of an NMF file, with its tissue mask")
     s.add_argument("nmf")
@@ -302,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--pixel-size-um replaces the imzML's pixel size")
     s.add_argument("--all-tissue", action="store_true",
                    help="every acquired pixel is tissue (no automatic mask)")
-    s.set_defaults(func=cmd_crop)
+    s.set_defaults(func=cmd_crop, input_args=("nmf",), output_args=("out",))
 
     s = sub.add_parser("register", help="register a fine section maps file to a coarse one")
     s.add_argument("coarse")
@@ -318,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-boundary", type=float, default=default("registration.min_boundary"))
     s.add_argument("--min-ncc", type=float, default=default("registration.min_ncc"))
     s.add_argument("--seed", type=int, default=default("seed"))
-    s.set_defaults(func=cmd_register)
+    s.set_defaults(func=cmd_register, input_args=("coarse", "fine"), output_args=("out",))
 
     s = sub.add_parser("fuse", help="chained fusion of one section")
     s.add_argument("--maps", nargs="+", required=True, help="section maps files, reference first")
@@ -345,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="footprint consistency with the coarse values: auto (per component, by "
                         "how little the finer modality explains it), on or off")
     s.add_argument("--seed", type=int, default=default("seed"))
-    s.set_defaults(func=cmd_fuse)
+    s.set_defaults(func=cmd_fuse, input_args=("maps", "transforms", "ions"),
+                   output_args=("out", "report"))
 
     s = sub.add_parser("ions", help="measured target ion images over one section of the reference")
     s.add_argument("converted", help="the reference's converted file (results/converted/...)")
@@ -353,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="ion images file (HDF5)")
     s.add_argument("--targets", type=float, nargs="+", required=True)
     s.add_argument("--ppm", type=float, default=default("targets.ppm"))
-    s.set_defaults(func=cmd_ions)
+    s.set_defaults(func=cmd_ions, input_args=("converted", "maps"), output_args=("out",))
 
     s = sub.add_parser("ion-image", help="ion image at m/z +- ppm from a fused product")
     s.add_argument("product", help="fused_*.h5 (or section maps_*.h5)")
@@ -365,14 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "not limited by the NMF rank and averages back to the measured one")
     s.add_argument("--png")
     s.add_argument("--tiff")
-    s.set_defaults(func=cmd_ion_image)
+    s.set_defaults(func=cmd_ion_image, input_args=("product",), output_args=("png", "tiff"))
 
     s = sub.add_parser("spectrum", help="ROI mean spectrum of a fused product")
     s.add_argument("product")
     s.add_argument("--roi", type=_roi, default=None, help="x0:x1,y0:y1 of the product grid")
     s.add_argument("--out", help="TSV (default: stdout)")
     s.add_argument("--png")
-    s.set_defaults(func=cmd_spectrum)
+    s.set_defaults(func=cmd_spectrum, input_args=("product",), output_args=("out", "png"))
 
     s = sub.add_parser("phantom", help="generate a multimodal study with ground truth")
     s.add_argument("outdir")
@@ -408,15 +414,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _paths(args, names) -> list[str]:
+    """The paths the arguments ``names`` of a command hold (a path, a list of paths or None)."""
+    out = []
+    for name in names:
+        value = getattr(args, name, None)
+        out += value if isinstance(value, list) else [value]
+    return [p for p in out if p is not None]
+
+
+def _outputs(args) -> list[str]:
+    """Every file a command writes (register's QC image defaults to beside its output)."""
+    out = _paths(args, args.output_args)
+    return out + [_qc_path(args)] if args.command == "register" else out
+
+
 def main(argv=None) -> int:
-    """Entry point; returns the exit status (non-zero on any error, with one clear message)."""
-    from .job import setup_logging
+    """Entry point; returns the exit status (non-zero on any error, with one clear message).
+
+    Before any work the outputs are checked (:func:`msifusion.job.check_outputs`: none may
+    overwrite an input, each must be writable); an error of the operating system or of a text
+    encoding is reported like msifusion's own errors, in one line naming the file.
+    """
+    from .job import check_outputs, os_error_message, setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(level=logging.DEBUG if args.verbose else logging.INFO)
     try:
+        check_outputs(_outputs(args), _paths(args, args.input_args))
         args.func(args)
     except MsifusionError as err:
-        print(f"msifusion {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        message = str(err)
+    except OSError as err:
+        message = os_error_message(err)
+    except UnicodeError as err:
+        message = f"a file is not valid text ({err})"
+    else:
+        return 0
+    print(f"msifusion {args.command}: error: {message}", file=sys.stderr)
+    return 1

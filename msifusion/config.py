@@ -183,11 +183,16 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> dict:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: config file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: the config file is a directory")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             config = yaml.safe_load(fh) or {}
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({err})") from err
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: the config file is not UTF-8 text ({err.reason} at byte "
+                         f"{err.start})") from err
     if not isinstance(config, dict):
         raise InputError(f"{path}: the top level must be a mapping of keys")
     config.update(overrides or {})
@@ -353,7 +358,8 @@ def read_sections(sheet: str | os.PathLike, chain: list[str],
     if not sheet.exists():
         raise InputError(f"{sheet}: sections sheet not found (config key 'sections')")
     if not sheet.is_file():
-        raise InputError(f"{sheet}: the sections sheet is not a file (config key 'sections')")
+        raise InputError(f"{sheet}: the sections sheet is a directory, not a file (config key "
+                         "'sections')")
     try:
         with open(sheet, newline="", encoding="utf-8-sig") as fh:
             lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
@@ -392,7 +398,7 @@ def read_sections(sheet: str | os.PathLike, chain: list[str],
         if not path.exists():
             raise InputError(f"{where}: {what} not found: {path}")
         if not path.is_file():
-            raise InputError(f"{where}: {path} is not a file (a folder?)")
+            raise InputError(f"{where}: {path} is a directory, not a file")
         ibd = ""
         if kind == "imzml":
             try:

@@ -23,6 +23,7 @@ import numpy as np
 from .errors import InputError
 from .imzml import (BLOCK_BYTES, CHUNK_BYTES, SpectrumIndex, find_ibd, iter_spectra,
                     read_imzml_header, read_index)
+from .job import check_outputs
 from .metadata import resolve_pixel_size
 from .store import ConvertedWriter, value_rows
 
@@ -65,6 +66,18 @@ def _check_checksum(ibd_path: Path, header: dict) -> None:
                              f"file has {h.hexdigest()}); the file is corrupt or truncated")
 
 
+def _beyond(size: int, offsets: np.ndarray, lengths: np.ndarray, encoded: np.ndarray,
+            itemsize: int, compression: str) -> np.ndarray:
+    """Mask of the arrays that do not lie inside an ``.ibd`` of ``size`` bytes, computed without
+    integer overflow (a length of 2^61 values of 8 bytes wraps int64 to 0)."""
+    room = size - np.minimum(offsets, size)                 # bytes from each offset to the end
+    if compression == "none":
+        long = lengths > room // itemsize
+    else:
+        long = encoded > room
+    return (offsets < 0) | (lengths < 0) | (offsets > size) | long
+
+
 def _check_index(path: Path, ibd_path: Path, index: SpectrumIndex) -> tuple[np.ndarray, np.ndarray]:
     """Validate the spectrum index against the ``.ibd``.
 
@@ -98,15 +111,18 @@ def _check_index(path: Path, ibd_path: Path, index: SpectrumIndex) -> tuple[np.n
             i = int(np.flatnonzero(encoded < 0)[0])
             raise InputError(f"{path}: spectrum {i}: compressed {label} array without an external "
                              "encoded length (IMS:1000104)")
-        stored = index.stored_bytes(kind)
-        ends = offsets + stored
-        bad = np.flatnonzero((ends > size) | (offsets < 0) | (lengths < 0))
+        bad = np.flatnonzero(_beyond(size, offsets, lengths, encoded, dtype.itemsize, comp))
         if bad.size:
             i = int(bad[0])
+            stored = int(encoded[i]) if comp != "none" else int(lengths[i]) * dtype.itemsize
+            hint = ""
+            if comp == "none" and encoded[i] >= 0 and encoded[i] != stored:
+                hint = (f"; its encoded length (IMS:1000104) is {encoded[i]} bytes, not "
+                        f"{lengths[i]} x {dtype.itemsize}: is the data type ({dtype}) wrong?")
             raise InputError(f"{ibd_path}: spectrum {i}: {label} array at offset {offsets[i]} with "
-                             f"{lengths[i]} values ends at byte {ends[i]}, beyond the end of the "
-                             f"file ({size} bytes); the .ibd is truncated ({bad.size} spectra "
-                             "affected)")
+                             f"{lengths[i]} values ends at byte {int(offsets[i]) + stored}, beyond "
+                             f"the end of the file ({size} bytes); the .ibd is truncated "
+                             f"({bad.size} spectra affected){hint}")
         if comp == "none":
             odd = np.flatnonzero((encoded >= 0) & (encoded != lengths * dtype.itemsize))
             if odd.size:
@@ -155,16 +171,26 @@ def _check_values(path: Path, first: int, indptr: np.ndarray, mz_of, intensity: 
                          f"{intensity[k]} at m/z {mz_of(k)}")
 
 
+def _check_mz(path: Path, first: int, indptr: np.ndarray, mz: np.ndarray,
+              where: str = "") -> None:
+    """Refuse non-finite and non-positive m/z values (naming the spectrum of the first)."""
+    for bad, problem in ((~np.isfinite(mz), "non-finite m/z value"),
+                         (mz <= 0, "m/z value {} is not positive")):
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{path}: spectrum {first + _row_of(indptr, k)}: "
+                             f"{problem.format(mz[k])}{where}")
+
+
 def _sort_rows(path: Path, first: int, indptr: np.ndarray, mz: np.ndarray, intensity: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, int]:
     """Check m/z values (finite) and sort them within each spectrum where they are not increasing.
 
     Returns m/z (float64), intensities and the number of spectra that had to be sorted.
+    A non-finite or non-positive m/z is refused (:func:`_check_mz`).
     """
     mz = mz.astype(np.float64, copy=False)
-    if not np.isfinite(mz).all():
-        k = int(np.flatnonzero(~np.isfinite(mz))[0])
-        raise InputError(f"{path}: spectrum {first + _row_of(indptr, k)}: non-finite m/z value")
+    _check_mz(path, first, indptr, mz)
     if mz.size < 2:
         return mz, intensity, 0
     down = np.diff(mz) < 0
@@ -186,6 +212,32 @@ def _check_planes(path: Path, z: np.ndarray, max_planes: int | None) -> None:
                          "file: write each plane as its own imzML (one sheet row each)")
 
 
+#: A stated image size above ``_SIZE_FACTOR`` x the positions reached + ``_SIZE_MARGIN`` pixels is
+#: not believed (a typo in "max count of pixels" would otherwise size every image of the file).
+_SIZE_FACTOR, _SIZE_MARGIN = 2, 16
+
+
+def _image_shape(path: Path, xy: np.ndarray, stated: tuple[int, int] | None) -> tuple[int, int]:
+    """(ny, nx) of the acquisition grid: the larger of the stated size ("max count of pixels
+    y/x") and the positions reached, so that a last row or column that was not acquired still
+    belongs to the grid the ROIs refer to; a stated size far above the positions (more than
+    twice them plus 16) is replaced by the positions, with a warning."""
+    reached = (int(xy[:, 1].max()) + 1, int(xy[:, 0].max()) + 1)
+    if stated is None:
+        return reached
+    if any(d > h for d, h in zip(reached, stated)):
+        log.warning("%s: positions reach %s (ny, nx) beyond the stated max count of pixels %s",
+                    path, reached, stated)
+    shape = []
+    for axis, d, h in zip("yx", reached, stated):
+        if h > _SIZE_FACTOR * d + _SIZE_MARGIN:
+            log.warning("%s: the stated max count of pixels %s (%d) is far above the positions "
+                        "reached (%d); the grid is sized by the positions", path, axis, h, d)
+            h = d
+        shape.append(max(d, h))
+    return tuple(shape)
+
+
 def _shared_axis(path: Path, ibd_path: Path, index: SpectrumIndex, mode: str
                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The shared m/z axis of a continuous file (all spectra point at one m/z array), sorted, and
@@ -198,8 +250,7 @@ def _shared_axis(path: Path, ibd_path: Path, index: SpectrumIndex, mode: str
         return None, None
     _s, _e, _ip, axis, _i = next(iter_spectra(ibd_path, index.subset(slice(0, 1))))
     axis = axis.astype(np.float64)
-    if not np.isfinite(axis).all():
-        raise InputError(f"{path}: spectrum 0: non-finite m/z value in the shared m/z array")
+    _check_mz(path, 0, np.array([0, axis.size]), axis, " in the shared m/z array")
     if axis.size > 1 and np.any(np.diff(axis) < 0):
         perm = np.argsort(axis, kind="stable")
         return axis[perm], perm
@@ -261,13 +312,15 @@ def convert_imzml(
     InputError
         Missing/unreadable/hostile/non-imzML input, missing ``.ibd``, UUID mismatch, truncated
         ``.ibd``, m/z and intensity lengths that differ, duplicate positions, zero spectra,
-        checksum mismatch, unsupported compression, or a non-finite/negative intensity (with its
-        spectrum index).
+        checksum mismatch, unsupported compression, a non-finite/negative intensity or a
+        non-finite/non-positive m/z (with its spectrum index), all spectra empty, an output that
+        would overwrite the input or cannot be written.
     """
     t0 = time.perf_counter()
     path = Path(imzml_path)
     header = read_imzml_header(path)
     ibd_path = find_ibd(path)
+    check_outputs([out_path], [path, ibd_path])
     _check_uuid(path, ibd_path, header["uuid"])
     if header["compression"]:
         raise InputError(f"{path}: binary arrays use {header['compression']!r}; only "
@@ -296,14 +349,7 @@ def convert_imzml(
     elif decided.source == "none":
         log.warning("%s: no pixel size in the file and none given; stored as NaN", path)
     px = decided.um
-    # The image is the larger of the stated size and the positions reached, so that a last row or
-    # column that was not acquired still belongs to the grid the ROIs refer to.
-    image_shape = (int(xy[:, 1].max()) + 1, int(xy[:, 0].max()) + 1)
-    if header["image_shape"] is not None:
-        if any(d > h for d, h in zip(image_shape, header["image_shape"])):
-            log.warning("%s: positions reach %s (ny, nx) beyond the stated max count of pixels %s",
-                        path, image_shape, header["image_shape"])
-        image_shape = tuple(max(d, h) for d, h in zip(image_shape, header["image_shape"]))
+    image_shape = _image_shape(path, xy, header["image_shape"])
     axis, perm = _shared_axis(path, ibd_path, index, mode)
     attrs = {
         "source": str(path),
@@ -317,7 +363,7 @@ def convert_imzml(
         "mz_dtype": index.mz_dtype.name,
     }
     log.info("%s: converting %d spectra (%s, %s) to %s", path, n, mode, spectrum_type, out_path)
-    n_sorted, nnz = 0, 0
+    n_sorted, nnz, n_signal = 0, 0, 0
     mz_lo, mz_hi = np.inf, -np.inf
     last_log = time.perf_counter()
     with ConvertedWriter(out_path, n_pixels=n, attrs=attrs, intensity_dtype=index.int_dtype,
@@ -337,6 +383,7 @@ def convert_imzml(
                 flat = np.flatnonzero(nonzero)
                 writer.append(indptr, (flat % n_mz).astype(np.int32), dense.ravel()[flat])
                 nnz += len(flat)
+                n_signal += len(flat)
             else:
                 mz, inten, k = _sort_rows(path, start, indptr, mz, inten)
                 _check_values(path, start, indptr, lambda k: mz[k], inten)
@@ -345,9 +392,13 @@ def convert_imzml(
                     mz_lo, mz_hi = min(mz_lo, float(mz.min())), max(mz_hi, float(mz.max()))
                 writer.append(indptr, mz, inten)
                 nnz += mz.size
+                n_signal += int(np.count_nonzero(inten))
             if time.perf_counter() - last_log > 10:
                 log.info("%s: %d / %d spectra converted", path, stop, n)
                 last_log = time.perf_counter()
+        if n_signal == 0:
+            raise InputError(f"{path}: all {n} spectra are empty (no value with a non-zero "
+                             "intensity); nothing to convert")
         writer.set_pixels(xy, z)
         if axis is not None and axis.size:
             mz_lo, mz_hi = float(axis[0]), float(axis[-1])

@@ -14,8 +14,9 @@ import numpy as np
 
 from .errors import InputError
 from .imzml import ImzMLStreamWriter
+from .job import check_outputs
 from .products import read_fused
-from .store import ConvertedReader, value_rows
+from .store import ConvertedReader, plain_attr, value_rows
 
 log = logging.getLogger("msifusion.export")
 
@@ -82,7 +83,8 @@ def export_imzml(
     ------
     InputError
         Unknown source, a continuous export asked of data without a shared m/z axis, bad
-        ``top_n``.
+        ``top_n``, an output that would overwrite the source or the imzML (and ``.ibd``) the
+        source was converted from.
     """
     t0 = time.perf_counter()
     source, out_path = Path(source), Path(out_path)
@@ -94,12 +96,12 @@ def export_imzml(
         raise InputError(f"{source}: file not found")
     try:
         with h5py.File(source, "r") as f:
-            fmt = f.attrs.get("format")
-            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+            fmt, origin = (plain_attr(f.attrs.get(k, "")) for k in ("format", "source"))
     except OSError as err:
         raise InputError(f"{source}: cannot be read as HDF5 ({err})") from None
     if out_path.suffix.lower() != ".imzml":
         raise InputError(f"{out_path}: the output must end in .imzML")
+    check_outputs([out_path], [source] + ([origin] if origin else []))  # the imzML converted
     seed = f"{source.name}|{mode}|{top_n}"
     nnz, clipped, n = 0, 0, 0
     if fmt == "msifusion-converted":

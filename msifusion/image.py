@@ -443,7 +443,7 @@ def _check_path(path) -> tuple[Path, str]:
     if not path.exists():
         raise InputError(f"{path}: image not found")
     if not path.is_file():
-        raise InputError(f"{path}: not a file")
+        raise InputError(f"{path}: {'is a directory, ' if path.is_dir() else ''}not a file")
     ext = path.suffix.lower()
     if ext not in SUPPORTED_EXTENSIONS:
         raise InputError(f"{path}: unknown image extension '{path.suffix}'; supported: "

@@ -38,7 +38,7 @@ import zlib
 from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 from xml.parsers import expat
@@ -60,12 +60,19 @@ _SPECTRUM_TYPE_NAME = {"centroid spectrum": "centroid", "profile spectrum": "pro
 _POLARITY = {"MS:1000130": "positive", "MS:1000129": "negative"}
 #: Length units of pixel sizes -> factor to micrometres (imzML's default unit is the micrometre).
 _UNIT_TO_UM = {"UO:0000017": 1.0, "UO:0000018": 1e-3, "UO:0000016": 1e3, "UO:0000008": 1e6}
+#: The same by unit name (lower case), for files that name a unit without its accession.
+_UNIT_NAME_TO_UM = {"micrometer": 1.0, "micrometre": 1.0, "um": 1.0, "\u00b5m": 1.0,
+                    "nanometer": 1e-3, "nanometre": 1e-3, "nm": 1e-3, "millimeter": 1e3,
+                    "millimetre": 1e3, "mm": 1e3, "meter": 1e6, "metre": 1e6, "m": 1e6}
 #: Binary data types allowed by imzML (little endian).
 DTYPES = {"MS:1000521": np.dtype("<f4"), "MS:1000523": np.dtype("<f8"),
           "MS:1000519": np.dtype("<i4"), "MS:1000522": np.dtype("<i8")}
 _DTYPE_ACC = {v: k for k, v in DTYPES.items()}
 _DTYPE_NAME = {"MS:1000521": "32-bit float", "MS:1000523": "64-bit float",
                "MS:1000519": "32-bit integer", "MS:1000522": "64-bit integer"}
+_DTYPE_BY_NAME = {name: DTYPES[acc] for acc, name in _DTYPE_NAME.items()}
+#: Integers of the spectrum list (offsets, lengths, positions) must fit an int64.
+_INT64_LIMIT = 1 << 63
 _ARRAY_KIND = {"MS:1000514": "mz", "MS:1000515": "intensity"}
 #: Compressions: the two we read, and the others that we recognise in order to refuse them.
 _COMPRESSION = {"MS:1000576": "none", "MS:1000574": "zlib"}
@@ -181,6 +188,29 @@ def _cv_params(elem: ET.Element | None, groups: dict[str, ET.Element], deep: boo
     return params
 
 
+def _unit_factor(path: Path, param: ET.Element) -> float | None:
+    """Factor from a pixel size's unit to micrometres, by unit accession and by unit name.
+
+    A unit stated by name alone is used; an unknown unit is taken as micrometres (imzML's
+    default) with a warning. A unit accession and unit name that contradict each other leave
+    the pixel size unknown (None, with a warning naming both): the file cannot tell which holds.
+    """
+    acc = (param.get("unitAccession") or "").strip()
+    name = (param.get("unitName") or "").strip()
+    by_acc = _UNIT_TO_UM.get(acc)
+    by_name = _UNIT_NAME_TO_UM.get(name.lower())
+    what = f"{param.get('name') or param.get('accession')} {param.get('value')!r}"
+    if by_acc is not None and by_name is not None and by_acc != by_name:
+        log.warning("%s: %s: the unit accession %s contradicts the unit name %r; the pixel size "
+                    "is treated as not stated (give it in the config)", path, what, acc, name)
+        return None
+    factor = by_acc if by_acc is not None else by_name
+    if factor is None and (acc or name):
+        log.warning("%s: %s: unknown unit %s; assuming micrometres", path, what,
+                    " ".join(filter(None, (acc, repr(name) if name else ""))))
+    return 1.0 if factor is None else factor
+
+
 def _pixel_size(path: Path, params: list) -> float | None:
     """Pixel size in um from the scan settings' "pixel size x/y" (IMS:1000046/47), or None."""
     sizes = {}
@@ -193,11 +223,10 @@ def _pixel_size(path: Path, params: list) -> float | None:
         except (TypeError, ValueError):
             log.warning("%s: pixel size %r is not a number; ignored", path, p.get("value"))
             continue
-        unit = p.get("unitAccession")
-        if unit not in (None, "") and unit not in _UNIT_TO_UM:
-            log.warning("%s: unknown pixel size unit %s (%s); assuming micrometres",
-                        path, unit, p.get("unitName"))
-        value *= _UNIT_TO_UM.get(unit, 1.0)
+        factor = _unit_factor(path, p)
+        if factor is None:
+            continue
+        value *= factor
         if not (math.isfinite(value) and value > 0):
             log.warning("%s: pixel size %r is not positive; ignored", path, p.get("value"))
             continue
@@ -257,31 +286,37 @@ class ArrayParams:
     dtype : numpy.dtype or None
         Little-endian 32/64-bit float or integer.
     compression : {"none", "zlib"}, another compression's name, or None when not stated.
+    named : numpy.dtype or None
+        The data type the data-type cvParam's *name* states when it contradicts its accession
+        (``dtype``); settled by the encoded lengths (:func:`_settle_dtype`).
     """
     kind: str | None = None
     dtype: np.dtype | None = None
     compression: str | None = None
+    named: np.dtype | None = None
 
     def update(self, accession: str, name: str | None) -> "ArrayParams":
         """These parameters with one more cvParam applied."""
         if accession in _ARRAY_KIND:
-            return ArrayParams(_ARRAY_KIND[accession], self.dtype, self.compression)
+            return replace(self, kind=_ARRAY_KIND[accession])
         if accession in DTYPES:
-            return ArrayParams(self.kind, DTYPES[accession], self.compression)
+            named = _DTYPE_BY_NAME.get((name or "").strip().lower())
+            contradicts = named is not None and named != DTYPES[accession]
+            return replace(self, dtype=DTYPES[accession], named=named if contradicts else None)
         if accession in _COMPRESSION:
-            return ArrayParams(self.kind, self.dtype, _COMPRESSION[accession])
+            return replace(self, compression=_COMPRESSION[accession])
         if accession in _OTHER_COMPRESSIONS or (accession.startswith("MS:")
                                                 and "compression" in (name or "").lower()):
-            return ArrayParams(self.kind, self.dtype, name or accession)
+            return replace(self, compression=name or accession)
         if accession == "MS:1000520":  # 16-bit float: not allowed by imzML
-            return ArrayParams(self.kind, np.dtype("<f2"), self.compression)
+            return replace(self, dtype=np.dtype("<f2"), named=None)
         return self
 
     def merged(self, other: "ArrayParams") -> "ArrayParams":
         """``other``'s stated values over these."""
-        return ArrayParams(other.kind or self.kind,
-                           other.dtype if other.dtype is not None else self.dtype,
-                           other.compression or self.compression)
+        typed = other if other.dtype is not None else self
+        return ArrayParams(other.kind or self.kind, typed.dtype,
+                           other.compression or self.compression, typed.named)
 
 
 def read_imzml_header(imzml_path: str | os.PathLike) -> dict:
@@ -317,6 +352,8 @@ def read_imzml_header(imzml_path: str | os.PathLike) -> dict:
         Missing file, not XML, not imzML, DOCTYPE/entities, no spectrum list.
     """
     path = Path(imzml_path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an imzML file")
     if not path.is_file():
         raise InputError(f"{path}: imzML file not found")
     root, n_spectra, list_offset = _parse_header_tree(path)
@@ -428,6 +465,9 @@ class SpectrumIndex:
         "none" or "zlib".
     method : str
         "fast" (vectorised scan) or "general" (expat parse).
+    mz_named, int_named : numpy.dtype or None
+        The data type the name of the data-type cvParam states where it contradicts the
+        accession's (``mz_dtype`` / ``int_dtype``); :func:`read_index` settles it.
     """
     coords: np.ndarray
     mz_offset: np.ndarray
@@ -441,6 +481,8 @@ class SpectrumIndex:
     mz_compression: str = "none"
     int_compression: str = "none"
     method: str = "fast"
+    mz_named: np.dtype | None = None
+    int_named: np.dtype | None = None
 
     @property
     def n(self) -> int:
@@ -454,7 +496,8 @@ class SpectrumIndex:
         return SpectrumIndex(**{f: getattr(self, f)[sel] for f in fields},
                              mz_dtype=self.mz_dtype, int_dtype=self.int_dtype,
                              mz_compression=self.mz_compression,
-                             int_compression=self.int_compression, method=self.method)
+                             int_compression=self.int_compression, method=self.method,
+                             mz_named=self.mz_named, int_named=self.int_named)
 
     def stored_bytes(self, kind: str) -> np.ndarray:
         """Bytes each ``kind`` ("mz" | "intensity") array occupies in the ``.ibd``, shape (n,)."""
@@ -548,6 +591,8 @@ def _slow_value(buf: bytearray, pos: int) -> int:
     text = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
     if not text.isdigit():
         raise _Unverified(f"non-integer value {text[:20]!r}")
+    if int(text) >= _INT64_LIMIT:
+        raise _Unverified(f"value {text[:25]} beyond the 64-bit range")
     return int(text)
 
 
@@ -621,6 +666,69 @@ def _accessions(buf: bytearray, a: np.ndarray, w8: np.ndarray, cv: np.ndarray
     return at, code
 
 
+_ENTITIES = (b"&amp;", b"&lt;", b"&gt;", b"&quot;", b"&apos;", b"&#")
+#: ``_LOW_BYTES[k]``: the mask of the low ``k`` bytes of a little-endian word, k = 0..8.
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)
+
+
+def _same_names(w8: np.ndarray, start: np.ndarray, stop: np.ndarray, length: np.ndarray
+                ) -> np.ndarray:
+    """Whether the ``length`` bytes after each ``<`` at ``start`` equal those after ``</`` at
+    ``stop`` (compared 8 bytes at a time)."""
+    same = np.ones(len(start), bool)
+    for k in range(0, int(length.max(initial=0)), 8):
+        mask = _LOW_BYTES[np.clip(length - k, 0, 8)]
+        same &= ((w8[start + 1 + k] ^ w8[stop + 2 + k]) & mask) == 0
+    return same
+
+
+def _check_tags(buf: bytearray, a: np.ndarray, w8: np.ndarray, lt: np.ndarray, n: int) -> None:
+    """Check, vectorised, that the markup of ``buf[:n]`` (whole spectra; in the first chunk after
+    the ``<spectrumList`` tag that opens it) is well formed: each tag closed by ``>`` before the
+    next ``<``, double quotes in pairs that each open after ``=``, start and end tags nested
+    with the same names, only the predefined entities. Raises :class:`_Unverified` (the general parser
+    then gives the precise error) on anything else, also on comments, CDATA, processing
+    instructions and attributes written ``= "`` or in single quotes.
+    """
+    if len(lt) and lt[0] == 0 and _matches(w8, lt[:1], b"<spectrumList")[0]:
+        lt = lt[1:]                                      # the list's own start tag
+    gt = np.flatnonzero(a[:n] == 62)
+    if len(gt) == len(lt):                               # no '>' outside the tags: one each
+        end = gt
+    else:
+        k = np.searchsorted(gt, lt)
+        if len(lt) and k[-1] >= len(gt):
+            raise _Unverified("a tag is not closed")
+        end = gt[np.minimum(k, max(len(gt) - 1, 0))]
+    if len(lt) and (np.any(end < lt) or np.any(end[:-1] > lt[1:])):
+        raise _Unverified("a tag is not closed before the next one")
+    quotes = np.flatnonzero(a[:n] == 34)
+    if len(quotes) % 2 or np.any(a[quotes[0::2] - 1] != 61):
+        raise _Unverified("a double quote that does not open a value after '=' or close one")
+    second = a[lt + 1]
+    if np.any((second == ord("!")) | (second == ord("?"))):
+        raise _Unverified("comment, CDATA or processing instruction in the spectrum list")
+    closing = second == ord("/")
+    opening = ~closing & (a[end - 1] != ord("/"))
+    step = opening.astype(np.int32) - closing
+    depth = np.cumsum(step)
+    if len(depth) and (depth.min() < 0 or depth[-1] != 0):
+        raise _Unverified("start and end tags do not balance")
+    sel = np.flatnonzero(step)                           # start tags (not empty) and end tags
+    pairs = sel[np.lexsort((sel, (depth + closing)[sel]))].reshape(-1, 2)  # by level, in order
+    if pairs.size and not (opening[pairs[:, 0]].all() and closing[pairs[:, 1]].all()):
+        raise _Unverified("start and end tags do not nest")
+    start, stop = lt[pairs[:, 0]], lt[pairs[:, 1]]
+    length = end[pairs[:, 1]] - stop - 2                 # end tag names: </name>
+    if len(length) and (length.min() < 1 or length.max() > 48):
+        raise _Unverified("an end tag written differently")
+    if not (_same_names(w8, start, stop, length) & _NAME_END[a[start + 1 + length]]).all():
+        raise _Unverified("an end tag does not match its start tag")
+    amp = np.flatnonzero(a[:n] == 38) if buf.find(b"&", 0, n) >= 0 else ()
+    if len(amp) and not np.any([_matches(w8, amp, e) for e in _ENTITIES], axis=0).all():
+        raise _Unverified("an entity other than the predefined ones")
+
+
 def _scan_chunk(buf: bytearray, n: int, groups: dict[str, ArrayParams]) -> dict:
     """Vectorised index of the complete ``<spectrum>`` elements in ``buf[:n]`` (see
     :func:`read_index`); ``buf`` extends at least 64 bytes further.
@@ -632,6 +740,7 @@ def _scan_chunk(buf: bytearray, n: int, groups: dict[str, ArrayParams]) -> dict:
     """
     a, w8 = _words(buf)
     lt = np.flatnonzero(a[:n] == 60)
+    _check_tags(buf, a, w8, lt, n)
     nxt = a[lt + 1]
     c = lt[nxt == ord("s")]
     spec = c[_matches(w8, c, b"<spectrum") & _NAME_END[a[c + 9]]]
@@ -726,8 +835,8 @@ def _scan_fast(path: Path, header: dict, chunk_bytes: int, threads: int) -> Spec
     groups = header["array_groups"]
     mz_p = [g for g in groups.values() if g.kind == "mz"]
     int_p = [g for g in groups.values() if g.kind == "intensity"]
-    if len({(g.dtype, g.compression) for g in mz_p}) != 1 \
-            or len({(g.dtype, g.compression) for g in int_p}) != 1:
+    if len({(g.dtype, g.compression, g.named) for g in mz_p}) != 1 \
+            or len({(g.dtype, g.compression, g.named) for g in int_p}) != 1:
         raise _Unverified("not exactly one description of the m/z and intensity arrays")
     if mz_p[0].dtype is None or int_p[0].dtype is None:
         raise _Unverified("no data type stated for the m/z or intensity arrays")
@@ -773,7 +882,8 @@ def _scan_fast(path: Path, header: dict, chunk_bytes: int, threads: int) -> Spec
         int_encoded=cat("int_encoded"),
         mz_dtype=mz_p[0].dtype, int_dtype=int_p[0].dtype,
         mz_compression=mz_p[0].compression or "none",
-        int_compression=int_p[0].compression or "none", method="fast")
+        int_compression=int_p[0].compression or "none", method="fast",
+        mz_named=mz_p[0].named, int_named=int_p[0].named)
 
 
 class _GeneralScanner:
@@ -801,6 +911,9 @@ class _GeneralScanner:
             raise self._error(f"{what} {text!r} is not an integer") from None
         if value < 0:
             raise self._error(f"{what} {value} is negative")
+        if value >= _INT64_LIMIT:
+            raise self._error(f"{what} {value} is beyond the 64-bit range (2^63); the file is "
+                              "corrupt")
         return value
 
     def start(self, name: str, attrs: dict) -> None:
@@ -869,7 +982,8 @@ class _GeneralScanner:
             self.cols[f"{prefix}_offset"].append(arr["offset"])
             self.cols[f"{prefix}_length"].append(arr["length"])
             self.cols[f"{prefix}_encoded"].append(arr.get("encoded", -1))
-            self.params[kind].add((arr["params"].dtype, arr["params"].compression or "none"))
+            params = arr["params"]
+            self.params[kind].add((params.dtype, params.compression or "none", params.named))
 
     def run(self, chunk_bytes: int) -> SpectrumIndex:
         parser = _guarded_parser(self.path)
@@ -890,7 +1004,7 @@ class _GeneralScanner:
             if len(found) > 1:
                 raise InputError(f"{self.path}: the {label} arrays of different spectra have "
                                  "different data types or compressions; not supported")
-            described[kind] = found.pop() if found else (np.dtype("<f8"), "none")
+            described[kind] = found.pop() if found else (np.dtype("<f8"), "none", None)
             if described[kind][0] is None:
                 raise InputError(f"{self.path}: no data type (32/64-bit float or integer) stated "
                                  f"for the {label} arrays")
@@ -910,7 +1024,7 @@ class _GeneralScanner:
             int_length=cols["int_length"], int_encoded=cols["int_encoded"],
             mz_dtype=described["mz"][0], int_dtype=described["intensity"][0],
             mz_compression=described["mz"][1], int_compression=described["intensity"][1],
-            method="general")
+            method="general", mz_named=described["mz"][2], int_named=described["intensity"][2])
 
 
 def read_index(imzml_path: str | os.PathLike, header: dict | None = None, *,
@@ -950,13 +1064,53 @@ def read_index(imzml_path: str | os.PathLike, header: dict | None = None, *,
         raise ValueError(f"method must be 'auto', 'fast' or 'general', not {method!r}")
     if method != "general":
         try:
-            return _scan_fast(path, header, chunk_bytes, threads)
+            return _settle_dtypes(path, _scan_fast(path, header, chunk_bytes, threads))
         except _Unverified as why:
             if method == "fast":
                 raise InputError(f"{path}: the fast index could not verify the file ({why})") \
                     from None
             log.info("%s: spectrum list indexed by the general XML parser (%s)", path, why)
-    return _GeneralScanner(path, header).run(chunk_bytes)
+    return _settle_dtypes(path, _GeneralScanner(path, header).run(chunk_bytes))
+
+
+def _settle_dtype(path: Path, label: str, stated: np.dtype, named: np.dtype | None,
+                  length: np.ndarray, encoded: np.ndarray, compression: str) -> np.dtype:
+    """The data type of one kind of arrays whose data-type cvParam contradicts itself.
+
+    The accession (``stated``) and the name (``named``) disagree: the external encoded lengths
+    (IMS:1000104) of uncompressed arrays decide when they fit exactly one of the two (a warning
+    names the contradiction); otherwise the file is refused.
+    """
+    if named is None:
+        return stated
+    what = (f"{path}: the {label} arrays' data type is contradictory: accession "
+            f"{_DTYPE_ACC.get(stated, '?')} means {_DTYPE_NAME.get(_DTYPE_ACC.get(stated), stated)}"
+            f" but the cvParam is named {_DTYPE_NAME[_DTYPE_ACC[named]]!r}")
+    if compression != "none":
+        reason = "the arrays are compressed, so their encoded lengths cannot decide"
+    elif not len(encoded) or (encoded < 0).any():
+        reason = "no external encoded length (IMS:1000104) decides"
+    else:
+        fits = [dt for dt in (stated, named)
+                if np.all((encoded % dt.itemsize == 0) & (encoded // dt.itemsize == length))]
+        if len(fits) == 1:
+            log.warning("%s; the external encoded lengths (IMS:1000104) are those of %s values, "
+                        "which are read", what, _DTYPE_NAME[_DTYPE_ACC[fits[0]]])
+            return fits[0]
+        reason = ("the external encoded lengths (IMS:1000104) fit "
+                  + ("both" if fits else "neither"))
+    raise InputError(f"{what}, and {reason}; correct the file's data type")
+
+
+def _settle_dtypes(path: Path, index: SpectrumIndex) -> SpectrumIndex:
+    """``index`` with contradictory data types settled (:func:`_settle_dtype`)."""
+    if index.mz_named is None and index.int_named is None:
+        return index
+    mz = _settle_dtype(path, "m/z", index.mz_dtype, index.mz_named, index.mz_length,
+                       index.mz_encoded, index.mz_compression)
+    inten = _settle_dtype(path, "intensity", index.int_dtype, index.int_named, index.int_length,
+                          index.int_encoded, index.int_compression)
+    return replace(index, mz_dtype=mz, int_dtype=inten, mz_named=None, int_named=None)
 
 
 # --------------------------------------------------------------------------------------------------

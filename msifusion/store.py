@@ -300,18 +300,38 @@ class ConvertedReader:
             out[start:stop] = np.bincount(rows, weights=inten, minlength=stop - start)
         return out
 
+    def _check_cells(self) -> None:
+        """Refuse pixels outside :attr:`image_shape` or sharing a grid cell with another."""
+        ny, nx = self.image_shape
+        x, y = self.xy[:, 0].astype(np.int64), self.xy[:, 1].astype(np.int64)
+        outside = np.flatnonzero((x < 0) | (y < 0) | (x >= nx) | (y >= ny))
+        if outside.size:
+            i = int(outside[0])
+            raise InputError(f"{self.path}: pixel {i} at (x={x[i]}, y={y[i]}) lies outside the "
+                             f"image of {nx} x {ny} pixels")
+        cells = y * nx + x
+        order = np.argsort(cells, kind="stable")
+        same = np.flatnonzero(np.diff(cells[order]) == 0)
+        if same.size:
+            i, j = sorted(int(k) for k in order[same[0]:same[0] + 2])
+            raise InputError(f"{self.path}: pixels {i} and {j} lie on the same grid cell "
+                             f"(x={x[i]}, y={y[i]}) ({same.size} in all); an image would keep "
+                             "only one of them")
+
     def to_image(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
         """Scatter per-pixel ``values`` (n_pixels, ...) onto the acquisition grid (ny, nx, ...).
 
         Raises
         ------
         InputError
-            The file holds several z planes: one image would silently merge them.
+            The file holds several z planes, or several pixels on one grid cell: one image
+            would silently keep only one of them.
         """
         planes = np.unique(self.z)
         if len(planes) > 1:
             raise InputError(f"{self.path}: {len(planes)} z planes; an image holds one plane "
                              "(write each plane as its own imzML)")
+        self._check_cells()
         values = np.asarray(values)
         img = np.full(self.image_shape + values.shape[1:], fill, dtype=np.result_type(values, np.float32))
         img[self.xy[:, 1], self.xy[:, 0]] = values

@@ -360,9 +360,9 @@ def test_sheet_rows_that_are_not_files(tmp_path):
     small_imzml(tmp_path / "ft.imzML")
     sheet = write_sheet(tmp_path / "s.tsv", [("s1", "fticr", "ft.imzML", "*"),
                                              ("s1", "maldi", "dir.imzML", "*")])
-    with pytest.raises(InputError, match=r"row 3: .*dir\.imzML is not a file"):
+    with pytest.raises(InputError, match=r"row 3: .*dir\.imzML is a directory"):
         read_sections(sheet, ["fticr", "maldi"])
-    with pytest.raises(InputError, match="sections sheet is not a file"):
+    with pytest.raises(InputError, match="sections sheet is a directory"):
         read_sections(tmp_path, ["fticr", "maldi"])
     sheet.write_bytes(b"section\tmodality\timzml\troi\ns\xe91\tfticr\tft.imzML\t*\n")
     with pytest.raises(InputError, match="not UTF-8 text"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -16,7 +17,7 @@ from msifusion.convert import convert_imzml
 from msifusion.export import export_imzml
 from msifusion.imzml import read_imzml_header, read_index
 from msifusion.errors import InputError
-from msifusion.store import ConvertedReader
+from msifusion.store import ConvertedReader, write_converted
 
 from imzml_files import edit_xml, random_spectra, write_imzml
 
@@ -422,6 +423,165 @@ def test_not_imzml(tmp_path, content, match):
 
 def test_missing_imzml(tmp_path):
     assert_fails(tmp_path / "nope.imzML", tmp_path / "nope.h5", r"nope\.imzML: imzML file not found")
+
+
+# --------------------------------------------------------------------------------------------------
+# bad inputs that used to get through (issue 17)
+# --------------------------------------------------------------------------------------------------
+
+def _digest(*paths):
+    return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
+
+def test_outputs_never_overwrite_the_inputs(small):
+    """convert and export refuse an output that is the imzML, its .ibd (any letter case, through a
+    link) or, for export, the imzML the converted file came from; the raw data stay identical."""
+    path, _s, _c, out = small
+    ibd = path.with_suffix(".ibd")
+    before = _digest(path, ibd)
+    link = out.parent / "link.h5"
+    link.symlink_to(ibd)
+    for target in (path, ibd, path.with_suffix(".IBD"), link):
+        with pytest.raises(InputError, match="the output would overwrite the input"):
+            convert_imzml(path, target)
+    convert_imzml(path, out)
+    with pytest.raises(InputError, match=r"small\.imzML: the output would overwrite the input"):
+        export_imzml(out, path)
+    assert _digest(path, ibd) == before
+
+
+def _in_group(gid, old, new):
+    """Edit replacing ``old`` by ``new`` inside the referenceableParamGroup ``gid`` only."""
+    def edit(text):
+        i = text.index(f'<referenceableParamGroup id="{gid}">')
+        j = text.index("</referenceableParamGroup>", i)
+        return text[:i] + text[i:j].replace(old, new) + text[j:]
+    return edit
+
+
+_F32 = 'accession="MS:1000521" name="32-bit float"'
+_F64 = 'accession="MS:1000523" name="64-bit float"'
+
+
+@pytest.mark.parametrize("int_dtype,old,new", [
+    (np.float64, _F64, 'accession="MS:1000521" name="64-bit float"'),   # accession says 32-bit
+    (np.float32, _F32, 'accession="MS:1000523" name="32-bit float"'),   # accession says 64-bit
+], ids=["accession 32-bit, name 64-bit", "accession 64-bit, name 32-bit"])
+def test_data_type_contradiction_settled_by_encoded_length(tmp_path, caplog, int_dtype, old, new):
+    """A data-type accession contradicted by its name: the encoded lengths decide (the values
+    are read exactly, with a warning naming the contradiction), never garbage or "truncated"."""
+    spectra = random_spectra(5, int_dtype=int_dtype)
+    path = write_imzml(tmp_path / "c", spectra, [(i + 1, 1) for i in range(5)], int_dtype=int_dtype)
+    edit_xml(path, _in_group("intensityArray", old, new))
+    with caplog.at_level(logging.WARNING, logger="msifusion.imzml"):
+        convert_imzml(path, tmp_path / "c.h5")
+    _r, _mzs, ints = read_all(tmp_path / "c.h5")
+    for got, (_mz, want) in zip(ints, spectra):
+        np.testing.assert_array_equal(got, want)
+    assert any("intensity arrays' data type is contradictory" in m for m in caplog.messages)
+
+
+def test_wrong_data_type_named_in_the_truncation_message(tmp_path):
+    """Accession and name agree on 64-bit, the data and encoded lengths are 32-bit: the arrays
+    run past the .ibd, and the message points at the data type instead of only the file."""
+    path = write_imzml(tmp_path / "w", random_spectra(3), [(1, 1), (2, 1), (3, 1)])
+    edit_xml(path, _in_group("intensityArray", _F32, _F64))
+    assert_fails(path, tmp_path / "w.h5", r"the \.ibd is truncated .*its encoded length "
+                 r"\(IMS:1000104\) is \d+ bytes, not \d+ x 8: is the data type \(float64\) wrong\?")
+
+
+def test_data_type_contradiction_without_encoded_length_refused(tmp_path):
+    spectra = random_spectra(3, int_dtype=np.float64)
+    path = write_imzml(tmp_path / "c", spectra, [(1, 1), (2, 1), (3, 1)], int_dtype=np.float64)
+    edit_xml(path, _in_group("intensityArray", _F64, 'accession="MS:1000521" name="64-bit float"'))
+    edit_xml(path, lambda t: re.sub(r'<cvParam[^>]*IMS:1000104[^>]*/>', "", t))
+    assert_fails(path, tmp_path / "c.h5",
+                 r"c\.imzML: the intensity arrays' data type is contradictory: accession "
+                 r"MS:1000521 means 32-bit float but the cvParam is named '64-bit float', and no "
+                 r"external encoded length")
+
+
+def _pixel_param(unit_attrs):
+    return lambda t: t.replace("</scanSettings>", '<cvParam cvRef="IMS" accession="IMS:1000046" '
+                               f'name="pixel size x" value="20000" {unit_attrs}/>\n</scanSettings>', 1)
+
+
+def test_pixel_size_unit_by_name_and_contradiction(small, caplog):
+    path, *_ = small
+    edit_xml(path, _pixel_param('unitName="nanometer"'))
+    assert read_imzml_header(path)["pixel_size_um"] == 20.0
+    edit_xml(path, lambda t: t.replace('unitName="nanometer"',
+                                       'unitAccession="UO:0000017" unitName="nanometer"'))
+    with caplog.at_level(logging.WARNING, logger="msifusion.imzml"):
+        assert read_imzml_header(path)["pixel_size_um"] is None
+    assert any("unit accession UO:0000017 contradicts the unit name 'nanometer'" in m
+               for m in caplog.messages)
+
+
+@pytest.mark.parametrize("mode", ["processed", "continuous"])
+def test_non_positive_mz_refused(tmp_path, mode):
+    spectra = [([0.0, 200.0], [1.0, 2.0])] * 3 if mode == "continuous" else \
+        [([100.0, 200.0], [1.0, 2.0]), ([-5.0, 200.0], [1.0, 2.0]), ([100.0], [1.0])]
+    path = write_imzml(tmp_path / "m", spectra, [(1, 1), (2, 1), (3, 1)], mode=mode)
+    match = (r"m\.imzML: spectrum 0: m/z value 0\.0 is not positive in the shared m/z array"
+             if mode == "continuous" else r"m\.imzML: spectrum 1: m/z value -5\.0 is not positive")
+    assert_fails(path, tmp_path / "m.h5", match)
+
+
+def test_all_spectra_empty_refused(tmp_path):
+    spectra = [([100.0, 200.0], [0.0, 0.0])] * 3
+    path = write_imzml(tmp_path / "e", spectra, [(1, 1), (2, 1), (3, 1)])
+    assert_fails(path, tmp_path / "e.h5", r"e\.imzML: all 3 spectra are empty")
+
+
+def test_stated_image_size_far_above_the_positions_not_believed(small, caplog):
+    """A "max count of pixels y" typo (200000 for 2) would size every image of the file (the
+    NMF then asked for 298 GiB): the grid follows the positions, with a warning."""
+    path, _s, _c, out = small
+    edit_xml(path, lambda t: t.replace('name="max count of pixels y" value="2"',
+                                       'name="max count of pixels y" value="200000"'))
+    with caplog.at_level(logging.WARNING, logger="msifusion.convert"):
+        assert convert_imzml(path, out)["image_shape"] == (2, 3)
+    assert ConvertedReader(out).image_shape == (2, 3)
+    assert any("max count of pixels y (200000) is far above the positions reached (2)" in m
+               for m in caplog.messages)
+
+
+def _first_value(name, value, count=1):
+    return lambda t: re.sub(rf'(name="{name}" value=")\d+"', rf'\g<1>{value}"', t, count=count)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_first_value("external offset", 2 ** 63),
+     r"spectrum 0: external offset 9223372036854775808 is beyond the 64-bit range"),
+    (_first_value("external offset", 2 ** 64),
+     r"spectrum 0: external offset 18446744073709551616 is beyond the 64-bit range"),
+    (_first_value("external array length", 2 ** 61, count=2),   # 8-byte values: 2^64 bytes
+     r"small\.ibd: spectrum 0: m/z array at offset 16 with 2305843009213693952 values ends at "
+     r"byte 18446744073709551632, beyond the end of the file"),
+], ids=["offset 2^63", "offset 2^64", "length 2^61"])
+def test_huge_offsets_and_lengths_refused(small, edit, match):
+    path, _s, _c, out = small
+    edit_xml(path, edit)
+    assert_fails(path, out, match, verify_checksum=False)
+
+
+def test_directory_and_bracketed_names(tmp_path):
+    """A directory given as the imzML is named as such; an .ibd in another letter case beside an
+    imzML whose name holds glob characters is found."""
+    (tmp_path / "d.imzML").mkdir()
+    assert_fails(tmp_path / "d.imzML", tmp_path / "d.h5", r"d\.imzML: is a directory")
+    path = write_imzml(tmp_path / "s[1]", random_spectra(3), [(1, 1), (2, 1), (3, 1)])
+    path.with_suffix(".ibd").rename(tmp_path / "s[1].IBD")
+    assert convert_imzml(path, tmp_path / "s.h5")["n_pixels"] == 3
+
+
+def test_to_image_refuses_pixels_on_one_cell(tmp_path):
+    write_converted(tmp_path / "d.h5", indptr=np.array([0, 1, 2]), mz=np.array([100.0, 100.0]),
+                    intensity=np.array([1.0, 2.0]), xy=np.array([[1, 0], [1, 0]]))
+    with pytest.raises(InputError, match=r"d\.h5: pixels 0 and 1 lie on the same grid cell "
+                                         r"\(x=1, y=0\)"):
+        ConvertedReader(tmp_path / "d.h5").to_image(np.array([1.0, 2.0]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ def _newlines(t):
     (lambda t: t.replace('<referenceableParamGroupRef ref="intensityArray"/>',
                          '<cvParam cvRef="MS" accession="MS:1000515" name="intensity array"/>'),
      "fast"),                          # array kind stated inline instead of by a group
+    (lambda t: t.replace("</scanList>", "</scanList><!-- a < comment -->", 1), "general"),
 ])
 def test_unusual_layouts_index_exactly(many, edit, method):
     path, _ = many
@@ -144,6 +145,37 @@ def test_malformed_spectrum_list_errors_name_the_spectrum(many, edit, match):
     path, _ = many
     edit_xml(path, edit)
     with pytest.raises(InputError, match=match):
+        read_index(path)
+
+
+def _in_spectrum(k, old, new):
+    """Edit replacing the first ``old`` by ``new`` inside spectrum ``k`` only."""
+    def edit(t):
+        i = t.index(f'index="{k}"')
+        j = t.index("</spectrum>", i)
+        assert old in t[i:j]
+        return t[:i] + t[i:j].replace(old, new, 1) + t[j:]
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    _in_spectrum(150, '<scanList count="1">', '<scanList count="1"'),            # no '>'
+    _in_spectrum(150, 'name="no combination"/>', 'name="no combination">'),     # not closed
+    _in_spectrum(150, "</scan>", "</scam>"),                                    # wrong end tag
+    _in_spectrum(150, 'name="no combination"', 'name="no combination'),         # lost quote
+    _in_spectrum(150, 'name="no combination"', 'name="no &combination;"'),      # entity
+], ids=["unclosed tag", "start tag left open", "mismatched end tag", "unpaired quote",
+        "undefined entity"])
+def test_broken_tag_in_the_spectrum_list_is_not_passed(many, edit):
+    """A broken tag among the spectra used to pass the fast scan (it reads only the tags it
+    needs); the scan now checks the markup and leaves the file to the full parser, which names
+    the line."""
+    path, _ = many
+    edit_xml(path, edit)
+    with pytest.raises(InputError, match=r"many\.imzML: the fast index could not verify"):
+        read_index(path, method="fast")
+    with pytest.raises(InputError, match=r"many\.imzML: not a well-formed XML \(imzML\) file "
+                                         r"\(.* at line \d+, column \d+\)"):
         read_index(path)
 
 

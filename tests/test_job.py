@@ -13,7 +13,8 @@ from msifusion.job import error_marker, remove_error_markers, run_job
 
 def fake_job(tmp_path, threads=1):
     """What run_job reads of Snakemake's ``snakemake`` object."""
-    return SimpleNamespace(log=[str(tmp_path / "logs" / "rule" / "job.log")], threads=threads)
+    return SimpleNamespace(log=[str(tmp_path / "logs" / "rule" / "job.log")], threads=threads,
+                           input=[], output=[])
 
 
 def test_input_error_is_not_retried(tmp_path):
@@ -44,8 +45,8 @@ def test_input_error_is_not_retried(tmp_path):
 
 
 def test_unexpected_errors_are_retried_and_raise(tmp_path):
-    """A crash that is not msifusion's own (an OSError, MemoryError, ...) keeps its traceback and
-    leaves no marker: a retry may help."""
+    """A crash that is not msifusion's own (a MemoryError, ...) keeps its traceback and leaves no
+    marker: a retry may help."""
     job = fake_job(tmp_path)
 
     def step():
@@ -69,3 +70,37 @@ def test_threads_reach_blas_and_torch(tmp_path, monkeypatch):
 
     run_job(fake_job(tmp_path, threads=1), step)
     assert seen["env"] == "1" and seen["blas"] <= {1}
+
+
+def test_outputs_checked_before_the_step(tmp_path):
+    """A job whose output is (a link to) one of its inputs or an input's .ibd, or cannot be
+    written, stops before its step runs, with one message (issue 17)."""
+    calls = []
+    raw = tmp_path / "a.imzML"
+    raw.write_text("raw")
+    raw.with_suffix(".ibd").write_text("raw")
+    (tmp_path / "file").write_text("")
+    for output in (raw, tmp_path / "a.ibd", tmp_path / "file" / "out.h5"):
+        job = fake_job(tmp_path)
+        job.input, job.output = [str(raw)], [str(output)]
+        with pytest.raises(SystemExit) as info:
+            run_job(job, lambda: calls.append(1))
+        assert info.value.code == 1 and calls == []
+        log = open(job.log[0]).read()
+        assert "msifusion error" in log and str(output) in log and "Traceback" not in log
+        remove_error_markers(tmp_path / "logs")
+    assert raw.read_text() == "raw" and raw.with_suffix(".ibd").read_text() == "raw"
+
+
+def test_os_error_is_one_line_and_not_marked(tmp_path):
+    job = fake_job(tmp_path)
+
+    def step():
+        open(tmp_path / "no" / "such" / "file.txt")
+
+    with pytest.raises(SystemExit) as info:
+        run_job(job, step)
+    log = open(job.log[0]).read()
+    assert info.value.code == 1 and "Traceback" not in log
+    assert f"msifusion error: {tmp_path / 'no' / 'such' / 'file.txt'}: No such file" in log
+    assert not error_marker(job.log[0]).exists()
