@@ -123,9 +123,13 @@ def cmd_ion_image(a):
     from .store import ConvertedReader
 
     d = read_fused(a.product)
-    measured = (measured_section_image(ConvertedReader(a.measured), d, a.mz, a.ppm)
-                if a.measured else None)
-    img, flag = product_ion_image(d, a.mz, a.ppm, measured=measured)
+    if a.measured:
+        from .sharpen import measured_ion_image
+
+        measured = measured_section_image(ConvertedReader(a.measured), d, a.mz, a.ppm)
+        img, flag = measured_ion_image(d, a.mz, a.ppm, measured)
+    else:
+        img, flag = product_ion_image(d, a.mz, a.ppm)
     px = float(d.get("pixel_size_um", np.nan))
     title = f"m/z {a.mz:.4f} +- {a.ppm:g} ppm"
     if flag is not None:
@@ -371,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "not limited by the NMF rank and averages back to the measured one")
     s.add_argument("--png")
     s.add_argument("--tiff")
-    s.set_defaults(func=cmd_ion_image, input_args=("product",), output_args=("png", "tiff"))
+    s.set_defaults(func=cmd_ion_image, input_args=("product", "measured"), output_args=("png", "tiff"))
 
     s = sub.add_parser("spectrum", help="ROI mean spectrum of a fused product")
     s.add_argument("product")

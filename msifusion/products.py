@@ -95,18 +95,15 @@ def not_predictable_note(flag_r: float) -> str:
     return f"NOT PREDICTABLE (cross-validated r {flag_r:.2f}): coarse image interpolated"
 
 
-def product_ion_image(fused: Mapping, target_mz: float, ppm: float,
-                      measured: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
+def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.ndarray, float | None]:
     """Ion image of a fused product, as the product vouches for it.
 
     A configured target's image is the product's ``extra/target_image``: built from the measured
     ion image, with fine detail where the reduced-scale test supports it and averaging back to
     the measured image (:func:`msifusion.sharpen.sharpen_targets`); for a target flagged as not
     predictable (:func:`target_flag`) it is the measured image interpolated. Every other m/z is
-    reconstructed from the maps (:func:`ion_image`); given the reference's ``measured`` image of
-    that m/z over the section (:func:`measured_section_image`), the measured-minus-reconstructed
-    residual is added back (:func:`msifusion.sharpen.make_consistent`), so that the image is not
-    limited by the NMF rank and averages back to the measured one.
+    reconstructed from the maps (:func:`ion_image`; with the measured residual added back:
+    :func:`msifusion.sharpen.measured_ion_image`).
 
     Parameters
     ----------
@@ -114,9 +111,6 @@ def product_ion_image(fused: Mapping, target_mz: float, ppm: float,
         :func:`read_fused` output.
     target_mz, ppm : float
         Window ``target_mz +- ppm``.
-    measured : ndarray, shape (ny0, nx0), optional
-        The reference's measured image of the window on the reference section's grid (the grid
-        ``extra/matrix_to_reference`` maps to); NaN where not acquired.
 
     Returns
     -------
@@ -134,13 +128,7 @@ def product_ion_image(fused: Mapping, target_mz: float, ppm: float,
         log.warning("m/z %.4f is a target of the product at +- %g ppm, not +- %g ppm: its image is "
                     "reconstructed from the maps", target_mz, float(extra.get("target_ppm", np.nan)),
                     ppm)
-    img = ion_image(fused["spectra"], fused["mz"], fused["maps"], target_mz, ppm)
-    if measured is not None:
-        from .sharpen import make_consistent
-
-        img = make_consistent(img[None], np.asarray(measured, dtype=np.float64)[None],
-                              np.asarray(extra.get("matrix_to_reference", np.eye(2, 3))))[0][0]
-    return img, flag
+    return ion_image(fused["spectra"], fused["mz"], fused["maps"], target_mz, ppm), flag
 
 
 def measured_section_image(reader, fused: Mapping, target_mz: float, ppm: float) -> np.ndarray:

@@ -42,7 +42,7 @@ from .schema import default
 
 log = logging.getLogger("msifusion.sharpen")
 
-__all__ = ["GAINS", "Sharpened", "make_consistent", "fidelity",
+__all__ = ["GAINS", "Sharpened", "make_consistent", "measured_ion_image", "fidelity",
            "reduced_scale_scores", "sharpen_targets", "pixel_ratio"]
 
 #: Injection gains tried at reduced scale (0: the interpolated measured image).
@@ -117,6 +117,46 @@ def make_consistent(images: np.ndarray, coarse: np.ndarray, matrix: np.ndarray, 
     out.reshape(len(out), -1)[:, fine_idx] = fixed.T
     info.update(iterations=int(n_it), max_abs=float(max_abs))
     return out, info
+
+
+def measured_ion_image(fused, target_mz: float, ppm: float, measured: np.ndarray,
+                       min_coverage: float = default("fusion.min_coverage")) -> tuple[np.ndarray, float | None]:
+    """A fused product's ion image, consistent with the reference's measured image of the window.
+
+    A configured target ships as the product made it (already consistent, see
+    :func:`msifusion.products.product_ion_image`); any other m/z is reconstructed from the maps
+    and made consistent with ``measured`` (:func:`make_consistent`), which adds back the
+    measured-minus-reconstructed residual: the image averages back to the measured one and is not
+    limited by the NMF rank.
+
+    Parameters
+    ----------
+    fused : mapping
+        :func:`msifusion.products.read_fused` output.
+    target_mz, ppm : float
+        Window ``target_mz +- ppm``.
+    measured : ndarray, shape (ny0, nx0)
+        The reference's measured image of the window on the reference section's grid (the grid
+        ``extra/matrix_to_reference`` maps to, :func:`msifusion.products.measured_section_image`);
+        NaN where not acquired.
+
+    Returns
+    -------
+    image : ndarray, shape (ny, nx), float64
+    flag_r : float or None
+        As :func:`msifusion.products.product_ion_image`.
+    """
+    from .products import _target_index, product_ion_image
+
+    img, flag = product_ion_image(fused, target_mz, ppm)
+    extra = fused.get("extra", {})
+    if _target_index(extra, target_mz) is not None and np.isclose(
+            float(extra.get("target_ppm", np.nan)), ppm) and "target_image" in extra:
+        return img, flag
+    fixed, _ = make_consistent(img[None], np.asarray(measured, dtype=np.float64)[None],
+                               np.asarray(extra.get("matrix_to_reference", np.eye(2, 3))),
+                               min_coverage=min_coverage)
+    return fixed[0], flag
 
 
 def fidelity(images: np.ndarray, coarse: np.ndarray, matrix: np.ndarray, mask: np.ndarray | None = None,

@@ -107,12 +107,13 @@ def test_product_ion_image_ships_the_target_images(tmp_path, caplog):
     assert "200.0000 is a target of the product at +- 5 ppm, not +- 50 ppm" in caplog.text
 
 
-def test_product_ion_image_adds_back_the_measured_residual(tmp_path):
+def test_measured_ion_image_adds_back_the_measured_residual(tmp_path):
     """An m/z that is no target, given its measured image on the reference grid, is the maps'
     reconstruction plus the measured-minus-reconstructed residual: it averages over every
     reference pixel to the measured value (here 2 x 2 fine pixels each), and keeps the maps'
     detail where the reconstruction already agrees."""
     from msifusion.affine import block_matrix
+    from msifusion.sharpen import measured_ion_image
 
     rng = np.random.default_rng(0)
     maps = rng.random((2, 8, 8)).astype(np.float32)
@@ -122,11 +123,11 @@ def test_product_ion_image_adds_back_the_measured_residual(tmp_path):
     recon = ion_image(SPECTRA, MZ, maps, 300.0, 5.0)
     coarse = recon.reshape(4, 2, 4, 2).mean((1, 3))
     measured = coarse + rng.random((4, 4))       # what rank 2 does not explain
-    img, flag = product_ion_image(d, 300.0, 5.0, measured=measured)
+    img, flag = measured_ion_image(d, 300.0, 5.0, measured)
     assert flag is None
     np.testing.assert_allclose(img.reshape(4, 2, 4, 2).mean((1, 3)), measured, rtol=1e-3)
     # a measured image that the maps reproduce changes nothing
-    img, _ = product_ion_image(d, 300.0, 5.0, measured=coarse)
+    img, _ = measured_ion_image(d, 300.0, 5.0, coarse)
     np.testing.assert_allclose(img, recon, rtol=1e-6, atol=1e-9)
 
 
