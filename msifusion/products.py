@@ -95,6 +95,17 @@ def not_predictable_note(flag_r: float) -> str:
     return f"NOT PREDICTABLE (cross-validated r {flag_r:.2f}): coarse image interpolated"
 
 
+def shipped_target(extra: Mapping, target_mz: float, ppm: float) -> int | None:
+    """Index of ``target_mz +- ppm`` among a product's shipped target images
+    (``extra/target_image``, at the product's ``target_ppm``), or None: the image of that window
+    is then reconstructed from the maps."""
+    hit = _target_index(extra, target_mz)
+    if hit is None or "target_image" not in extra \
+            or not np.isclose(float(extra.get("target_ppm", np.nan)), ppm):
+        return None
+    return hit
+
+
 def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.ndarray, float | None]:
     """Ion image of a fused product, as the product vouches for it.
 
@@ -121,10 +132,10 @@ def product_ion_image(fused: Mapping, target_mz: float, ppm: float) -> tuple[np.
     """
     extra = fused.get("extra", {})
     flag = target_flag(extra, target_mz)
-    hit = _target_index(extra, target_mz)
-    if hit is not None and "target_image" in extra:
-        if np.isclose(float(extra.get("target_ppm", np.nan)), ppm):
-            return np.asarray(extra["target_image"][hit], dtype=np.float64), flag
+    hit = shipped_target(extra, target_mz, ppm)
+    if hit is not None:
+        return np.asarray(extra["target_image"][hit], dtype=np.float64), flag
+    if _target_index(extra, target_mz) is not None and "target_image" in extra:
         log.warning("m/z %.4f is a target of the product at +- %g ppm, not +- %g ppm: its image is "
                     "reconstructed from the maps", target_mz, float(extra.get("target_ppm", np.nan)),
                     ppm)

@@ -146,12 +146,11 @@ def measured_ion_image(fused, target_mz: float, ppm: float, measured: np.ndarray
     flag_r : float or None
         As :func:`msifusion.products.product_ion_image`.
     """
-    from .products import _target_index, product_ion_image
+    from .products import product_ion_image, shipped_target
 
     img, flag = product_ion_image(fused, target_mz, ppm)
     extra = fused.get("extra", {})
-    if _target_index(extra, target_mz) is not None and np.isclose(
-            float(extra.get("target_ppm", np.nan)), ppm) and "target_image" in extra:
+    if shipped_target(extra, target_mz, ppm) is not None:
         return img, flag
     fixed, _ = make_consistent(img[None], np.asarray(measured, dtype=np.float64)[None],
                                np.asarray(extra.get("matrix_to_reference", np.eye(2, 3))),

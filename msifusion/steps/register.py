@@ -33,8 +33,8 @@ def register_step(coarse: str, fine: str, out_json: str, out_png: str, *,
 
     An MSI pair is registered on its total images and component maps
     (:func:`msifusion.register.register_pair`), and when that does not pass, by the regression
-    of the coarse component maps on the fine ones (:func:`_by_regression`); an image level (microscopy) by how much of the
-    coarse component maps its features explain, its scale searched
+    of the coarse component maps on the fine ones (:func:`_by_regression`); an image level
+    (microscopy) by how much of the coarse component maps its features explain, its scale searched
     (:func:`msifusion.register_image.register_image`). A registration that does not pass is
     written too (``passed: false``, with every failing criterion, :func:`failed_criteria`); the
     fusion refuses it."""
